@@ -474,3 +474,64 @@ def load_encoder(path, device="cpu"):
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {wrong[:5]})")
     model.load_state_dict(sd)
     return model.to(device).eval(), meta
+
+# -----------------------------------------------------------------------------
+# command line: `python vit.py demo` (a smoke run through every kernel op and the checkpoint contract)
+
+
+def demo_main(argv=None):
+    import argparse
+    import glob
+    import time
+
+    import numpy as np
+    from PIL import Image
+    p = argparse.ArgumentParser(prog="vit.py demo", description="ViT-S forward/backward through every kernel op, "
+                                "then a checkpoint written and reloaded")
+    p.add_argument("--data", default="runs/demo/data", help="folder with frames (prep/synthetic.py output)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--size", default="vit_small", choices=sorted(SIZES))
+    p.add_argument("--batch-size", type=int, default=4)
+    a = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    files = sorted(glob.glob(os.path.join(a.data, "**", "*.png"), recursive=True))[: a.batch_size]
+    if not files:
+        raise SystemExit(f"no .png frames under {a.data}; run `python prep/synthetic.py --out {a.data}` first")
+    imgs = np.stack([np.asarray(Image.open(f).convert("L").resize((224, 224), Image.BILINEAR)) for f in files])
+    x = torch.from_numpy(imgs).float().div(255)[:, None].to(device)          # (B, 1, 224, 224)
+    mean, std = x.mean().item(), x.std().item()
+    x = (x - mean) / std
+    print(f"{len(files)} frames from {a.data} on {device}; kernels: "
+          f"{'triton' if kernels.use_triton(x) else 'pytorch reference'}")
+    model = ViT(vit_config(a.size, in_chans=1)).to(device)
+    n_params = sum(t.numel() for t in model.parameters())
+    print(f"{a.size}: {n_params / 1e6:.1f}M parameters, {model.cfg.grid ** 2} patches + CLS")
+    t0 = time.time()
+    B, N = x.shape[0], model.cfg.grid ** 2
+    ids_keep = torch.rand(B, N, device=device).argsort(1)[:, : N // 4]       # (B, 49) an MAE-style visible set
+    tokens = model(x, ids_keep=ids_keep)                                     # gather + attention
+    sim = kernels.cosine_similarity(tokens[:, 1:], tokens[:, 1:])            # (B, 49, 49)
+    loss = tokens.pow(2).mean() + sim.mean()
+    loss.backward()
+    grad = sum(t.grad.norm() ** 2 for t in model.parameters() if t.grad is not None) ** 0.5
+    print(f"forward+backward (gather, attention, cosine similarity): loss {loss.item():.4f}, "
+          f"grad norm {grad.item():.3f}, {time.time() - t0:.2f}s")
+    q, k = model.last_qk(x)
+    att = kernels.attention_map(q, k, torch.tensor([0], device=device))      # (B, H, 1, N+1) CLS row
+    print(f"attention map of the CLS query: {tuple(att.shape)}, rows sum to {att.sum(-1).mean().item():.4f}")
+    path = os.path.join(a.out, "vit_demo.safetensors")
+    save_checkpoint(path, model, method="demo", pool="cls", mean=[mean], std=[std], args=vars(a), step=0)
+    model2, meta = load_encoder(path, device)
+    model.eval()
+    with torch.no_grad():
+        diff = (model2(x) - model(x)).abs().max().item()
+    print(f"checkpoint {path}: {os.path.getsize(path) / 1e6:.1f} MB, method={meta['method']} pool={meta['pool']}, "
+          f"reloaded output max |diff| = {diff:.2e}")
+
+
+if __name__ == "__main__":
+    import sys
+    commands = {"demo": demo_main}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        raise SystemExit(f"usage: python vit.py {{{','.join(commands)}}} [options]")
+    commands[sys.argv[1]](sys.argv[2:])
