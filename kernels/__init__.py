@@ -6,8 +6,10 @@
     cosine_similarity(a, b)             (B, Na, D), (B, Nb, D) -> (B, Na, Nb)
 
 Dispatch: CUDA tensors go to the Triton kernels in kernels/{attention,gather,similarity}.py; everything else
-(CPU, or PRETEXT_KERNELS=torch) to the plain-PyTorch references in kernels/reference.py. The Triton modules
-are imported lazily, so a CPU-only install never touches them unless a test asks for them.
+(CPU, PRETEXT_KERNELS=torch, or an attention head dim the kernel does not cover) to the plain-PyTorch
+references in kernels/reference.py. The Triton modules are imported here, before the public functions are
+defined: importing a submodule binds its name on the package, and `kernels.attention` must stay the function.
+Without triton installed, everything runs on the references.
 """
 import os
 
@@ -15,25 +17,33 @@ import torch
 
 from .reference import attention_map_ref, attention_ref, cosine_similarity_ref, gather_tokens_ref
 
+try:
+    from . import attention as _attention_triton
+    from . import gather as _gather_triton
+    from . import similarity as _similarity_triton
+    HAVE_TRITON = True
+except ImportError:         # e.g. a platform without triton wheels: the references serve every device
+    HAVE_TRITON = False
+
 __all__ = ["attention", "attention_map", "gather_tokens", "cosine_similarity", "use_triton"]
+
+ATTENTION_HEAD_DIMS = (32, 64, 128)     # what kernels/attention.py compiles for (D is a constexpr there)
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """True when `t` should take the Triton path: a CUDA tensor and PRETEXT_KERNELS is not 'torch'."""
-    return t.is_cuda and os.environ.get("PRETEXT_KERNELS", "triton") != "torch"
+    """True when `t` should take the Triton path: a CUDA tensor, triton present, PRETEXT_KERNELS not 'torch'."""
+    return t.is_cuda and HAVE_TRITON and os.environ.get("PRETEXT_KERNELS", "triton") != "torch"
 
 
 def attention(q, k, v, scale=None):
-    if use_triton(q):
-        from .attention import attention as attention_triton
-        return attention_triton(q, k, v, scale)
+    if use_triton(q) and q.shape[-1] in ATTENTION_HEAD_DIMS:
+        return _attention_triton.attention(q, k, v, scale)
     return attention_ref(q, k, v, scale)
 
 
 def attention_map(q, k, query_idx=None, scale=None):
-    if use_triton(q):
-        from .attention import attention_map as attention_map_triton
-        return attention_map_triton(q, k, query_idx, scale)
+    if use_triton(q) and q.shape[-1] in ATTENTION_HEAD_DIMS:
+        return _attention_triton.attention_map(q, k, query_idx, scale)
     return attention_map_ref(q, k, query_idx, scale)
 
 
@@ -42,13 +52,11 @@ def gather_tokens(x, idx, pos=None):
         raise ValueError(f"gather_tokens: idx must be int64 of shape (B, K) with B={x.shape[0]}, "
                          f"got {tuple(idx.shape)} {idx.dtype}")
     if use_triton(x):
-        from .gather import gather_tokens as gather_triton
-        return gather_triton(x, idx, pos)
+        return _gather_triton.gather_tokens(x, idx, pos)
     return gather_tokens_ref(x, idx, pos)
 
 
 def cosine_similarity(a, b, eps=1e-12):
     if use_triton(a):
-        from .similarity import cosine_similarity as cosine_triton
-        return cosine_triton(a, b, eps)
+        return _similarity_triton.cosine_similarity(a, b, eps)
     return cosine_similarity_ref(a, b, eps)

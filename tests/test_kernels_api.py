@@ -108,3 +108,9 @@ def test_references_are_what_the_api_calls_on_cpu():
     idx = torch.tensor([[0, 3]])
     assert torch.equal(kernels.gather_tokens(q[0], idx), gather_tokens_ref(q[0], idx))
     assert torch.equal(kernels.cosine_similarity(q[0], k[0]), cosine_similarity_ref(q[0], k[0]))
+
+
+def test_api_names_survive_submodule_imports():
+    import importlib
+    importlib.import_module("kernels.attention")
+    assert callable(kernels.attention) and kernels.attention.__module__ == "kernels"
