@@ -1,0 +1,375 @@
+"""dino.py: Sinkhorn-Knopp, the DINO / iBOT / KoLeo losses against direct formulas, iBOT masks, crops, schedules,
+RoPE on the prefix, data errors, exact resume, the NaN guard and a 2-process gloo run."""
+import json
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+import dino
+import vit
+
+TINY = ["--device", "cpu", "--size", "vit_tiny", "--depth", "2", "--img-size", "32", "--batch-size", "4",
+        "--n-local", "2", "--n-prototypes", "32", "--head-hidden", "32", "--head-bottleneck", "16",
+        "--num-workers", "0", "--epoch-length", "0", "--epochs", "2", "--warmup", "0.5", "--save-every", "1000"]
+
+
+def tiny(out, *extra):
+    return dino.parse_args(TINY + ["--out", str(out), *extra])
+
+
+def make_frames(root, n=16, size=40, chans=3, seed=0):
+    """n small PNG frames with structure (sine gratings + noise) so that crops differ."""
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    for i in range(n):
+        img = 128 + 100 * np.sin(2 * np.pi * (rng.uniform(1, 3) * xx + rng.uniform(1, 3) * yy + rng.random()))
+        img = np.clip(img[..., None] + rng.normal(0, 20, (size, size, chans)), 0, 255).astype(np.uint8)
+        Image.fromarray(img[..., 0] if chans == 1 else img).save(os.path.join(root, f"f{i:02d}.png"))
+    return str(root)
+
+# ----------------------------------------------------------------------------- Sinkhorn-Knopp and losses
+
+
+def sinkhorn_official(logits, tau, n_iter=3):
+    """dinov3 loss/dino_clstoken_loss.py:42-70 transcribed for one process, in float64."""
+    Q = np.exp(logits.astype(np.float64) / tau).T
+    K, B = Q.shape
+    Q /= Q.sum()
+    for _ in range(n_iter):
+        Q /= Q.sum(axis=1, keepdims=True)
+        Q /= K
+        Q /= Q.sum(axis=0, keepdims=True)
+        Q /= B
+    return (Q * B).T
+
+
+def test_sinkhorn_matches_official_and_marginals():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 16) * 0.1 + torch.randn(16) * 0.05          # some prototypes favoured
+    P = dino.sinkhorn_knopp(logits, 0.04)
+    np.testing.assert_allclose(P.numpy(), sinkhorn_official(logits.numpy(), 0.04), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(P.sum(1), torch.ones(64))                   # every sample's targets sum to 1
+    cols = P.sum(0)                                                        # each prototype ~ B/K = 4 samples
+    soft = torch.softmax(logits / 0.04, 1).sum(0)
+    assert (cols - 4).abs().max() < 0.25 * (soft - 4).abs().max()          # far more balanced than the softmax
+    P50 = dino.sinkhorn_knopp(logits, 0.04, n_iter=50)                    # converged: both marginals exact
+    torch.testing.assert_close(P50.sum(0), torch.full((16,), 4.0), rtol=1e-4, atol=1e-4)
+    big = dino.sinkhorn_knopp(torch.full((4, 8), 10.0) + torch.eye(4, 8), 0.04)   # logit/tau = 275: no overflow
+    assert torch.isfinite(big).all()
+
+
+def test_dino_loss_direct_formula():
+    torch.manual_seed(1)
+    S, T, B, K, tau = 3, 2, 5, 7, 0.1
+    s, t = torch.randn(S, B, K), torch.softmax(torch.randn(T, B, K), -1)
+    ce = lambda a, b: -(b * torch.log_softmax(a / tau, -1)).sum()          # noqa: E731
+    full = sum(ce(s[i, b], t[j, b]) for i in range(S) for j in range(T) for b in range(B)) / (S * T * B)
+    off = sum(ce(s[i, b], t[j, b]) for i in range(S) for j in range(T) for b in range(B) if i != j)
+    torch.testing.assert_close(dino.dino_loss(s, t, tau), full)
+    torch.testing.assert_close(dino.dino_loss(s, t, tau, ignore_diagonal=True), off / ((S * T - 2) * B))
+
+
+def test_ibot_loss_averages_over_all_crops():
+    torch.manual_seed(2)
+    n_crops, N, K, tau = 6, 9, 5, 0.1
+    mask = torch.zeros(n_crops, N, dtype=torch.bool)
+    mask[0, :3], mask[2, 4:9], mask[5, 1] = True, True, True               # crops 1, 3, 4 unmasked
+    M = int(mask.sum())
+    s, t = torch.randn(M, K), torch.softmax(torch.randn(M, K), -1)
+    weight = (1 / mask.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(mask)[mask]
+    ce = -(t * torch.log_softmax(s / tau, -1)).sum(-1)
+    owner = mask.nonzero()[:, 0]                                           # crop of each masked patch
+    per_crop = [ce[owner == c].mean() for c in range(n_crops) if (owner == c).any()]
+    torch.testing.assert_close(dino.ibot_loss(s, t, weight, n_crops, tau), sum(per_crop) / n_crops)
+
+
+def test_koleo_direct_formula_and_gradient():
+    torch.manual_seed(3)
+    x = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    xn = (x / x.norm(dim=1, keepdim=True)).detach().numpy()
+    d = np.linalg.norm(xn[:, None] - xn[None], axis=-1) + np.diag(np.full(10, np.inf))
+    nn_idx = d.argmin(1)
+    ref = -np.mean(np.log(np.linalg.norm(xn - xn[nn_idx] + 1e-8, axis=1) + 1e-8))
+    loss = dino.koleo_loss(x)
+    assert abs(loss.item() - ref) < 1e-6
+    loss.backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+# ----------------------------------------------------------------------------- iBOT masks
+
+
+def test_ibot_mask_counts_ratios_and_blocks():
+    rng = np.random.default_rng(0)
+    n, g = 16, 14
+    m = dino.ibot_masks(rng, n, g)                                         # (16, 196)
+    assert m.shape == (n, g * g) and m.dtype == torch.bool
+    counts = sorted(m.sum(1).tolist())
+    probs = torch.linspace(0.1, 0.5, n // 2 + 1)                           # the official collate, verbatim
+    assert counts == [0] * (n // 2) + sorted(int(g * g * probs[i + 1]) for i in range(n // 2))
+    assert all(0.1 * 196 <= c <= 0.5 * 196 for c in counts if c)
+    grid = m.view(n, g, g)                                                 # (n, g, g)
+    nb = torch.zeros_like(grid)                                            # has a masked 4-neighbour
+    nb[:, 1:] |= grid[:, :-1]
+    nb[:, :-1] |= grid[:, 1:]
+    nb[:, :, 1:] |= grid[:, :, :-1]
+    nb[:, :, :-1] |= grid[:, :, 1:]
+    assert (nb & grid).sum() / grid.sum() > 0.85                           # blocks, not scattered patches
+    assert torch.equal(m, dino.ibot_masks(np.random.default_rng(0), n, g))
+    for count in range(4):                                                 # 2 x 2 grid: exact counts, no hang
+        assert dino.block_mask(np.random.default_rng(count), 2, count, 2).sum() == count
+
+
+def test_collate_masks_indices_and_weights():
+    cfg = dino.parse_args(["--img-size", "64", "--device", "cpu"])
+    samples = [(torch.full((3, 8, 8), k, dtype=torch.uint8), "" if k != 2 else "bad.png (x)", (0, 5))
+               for k in range(4)]
+    frames, mask, idx, weight, bad = dino.collate(samples, cfg, 0)
+    assert bad == ["bad.png (x)"] and frames.shape == (4, 3, 8, 8) and frames[2].float().mean() != 0
+    assert mask.shape == (8, 16) and int(mask.sum(1).gt(0).sum()) == 4
+    assert torch.equal(idx, mask.flatten().nonzero().flatten())
+    for c in range(8):
+        sel = (idx // 16) == c
+        if sel.any():
+            torch.testing.assert_close(weight[sel].sum(), torch.tensor(1.0))
+    assert torch.equal(mask, dino.collate(samples, cfg, 0)[1])           # seeded by (seed, rank, epoch, batch)
+    assert not torch.equal(mask, dino.collate(samples, cfg, 1)[1])
+
+# ----------------------------------------------------------------------------- views
+
+
+@pytest.mark.parametrize("scale", [(0.32, 1.0), (0.05, 0.32)])
+def test_crop_boxes_areas_in_scale_range(scale):
+    gen = torch.Generator().manual_seed(0)
+    w, h, cx, cy = dino.crop_boxes(4000, scale, gen).unbind(1)
+    area = w * h
+    assert area.min() >= scale[0] - 1e-6 and area.max() <= scale[1] + 1e-6
+    assert area.min() < scale[0] + 0.02 and area.max() > scale[1] - 0.02  # the whole range is used
+    r = w / h
+    assert r.min() >= 3 / 4 - 1e-5 and r.max() <= 4 / 3 + 1e-5
+    assert (cx - w / 2).min() >= 0 and (cx + w / 2).max() <= 1 + 1e-6 and (cy - h / 2).min() >= 0
+    full = dino.crop_boxes(5, (0.9, 1.0), gen, ratio=(2.0, 3.0))           # nothing fits: the whole image
+    torch.testing.assert_close(full, torch.tensor([[1.0, 1.0, 0.5, 0.5]]).expand(5, 4))
+
+
+def test_resized_crop_samples_the_box():
+    L = 64
+    ramp = ((torch.arange(L) + 0.5) / L).expand(1, 1, L, L).repeat(2, 1, 1, 1)   # value = x position
+    boxes = torch.tensor([[0.25, 0.5, 0.5, 0.5], [0.5, 0.5, 0.3, 0.6]])
+    out = dino.resized_crop(ramp, boxes, 16, torch.tensor([False, True]))
+    torch.testing.assert_close(out[0, 0, 0, [0, -1]], torch.tensor([0.375 + 0.25 / 32, 0.625 - 0.25 / 32]),
+                               atol=1e-3, rtol=0)
+    torch.testing.assert_close(out[1, 0, 0, [0, -1]], torch.tensor([0.55 - 0.5 / 32, 0.05 + 0.5 / 32]),
+                               atol=1e-3, rtol=0)                             # flipped
+
+
+@pytest.mark.parametrize("img,chans,local", [(224, 3, 96), (64, 1, 32), (32, 3, 16)])
+def test_views_sizes_and_ops(img, chans, local):
+    cfg = dino.parse_args(["--img-size", str(img), "--in-chans", str(chans), "--n-local", "3", "--device", "cpu"])
+    G, Lc, L = dino.crop_sizes(cfg)
+    assert (G, Lc) == (img, local) and L == round(img * 256 / 224)
+    gen = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (2, chans, L, L), dtype=torch.uint8)
+    x_g, x_l = dino.make_views(frames, cfg, gen, torch.full((chans,), 0.5), torch.full((chans,), 0.25))
+    assert x_g.shape == (4, chans, img, img) and x_l.shape == (6, chans, local, local)
+    assert torch.isfinite(x_g).all() and x_g.min() >= -2 - 1e-5 and x_g.max() <= 2 + 1e-5
+    y = torch.rand(5, chans, 12, 12)
+    assert dino.gaussian_blur(y, 0.0, gen) is y
+    assert torch.equal(dino.gaussian_blur(y, 1e-9, gen), y)                # one-hot kernels: exact identity
+    assert dino.gaussian_blur(y, 1.0, gen).var() < y.var()
+    many = torch.rand(1000, chans, 8, 8)
+    blurred = (dino.gaussian_blur(many, 0.5, gen) != many).flatten(1).any(1).float().mean()
+    assert 0.4 < blurred < 0.56                                            # p = 0.5 per image (sigma < 0.15 ~ none)
+    j = dino.color_jitter(y, gen, p=1.0, gray_p=0.0)
+    assert j.shape == y.shape and j.min() >= 0 and j.max() <= 1 and not torch.equal(j, y)
+    grey = dino.color_jitter(y, gen, p=0.0, gray_p=1.0)
+    if chans == 3:
+        torch.testing.assert_close(grey[:, 0], 0.299 * y[:, 0] + 0.587 * y[:, 1] + 0.114 * y[:, 2])
+        torch.testing.assert_close(grey[:, 0], grey[:, 2])
+    else:
+        torch.testing.assert_close(grey, y)                                # saturation/hue/grayscale: identities
+
+# ----------------------------------------------------------------------------- model, schedules, one step
+
+
+def test_rope_leaves_cls_and_registers_untouched():
+    cfg = tiny("unused", "--depth", "1")
+    bb = dino.DINO(cfg).backbone.train()
+    assert bb.num_prefix == 5 and bb.cfg.pos_embed == "rope" and bb.mask_token is not None
+    x, rope = bb.prepare_tokens(torch.randn(2, 3, 32, 32))
+    attn = bb.blocks[0].attn
+    q0, k0, _ = attn.qk_v(x)
+    q1, k1, _ = attn.qk_v(x, rope, bb.num_prefix)
+    assert torch.equal(q0[:, :, :5], q1[:, :, :5]) and torch.equal(k0[:, :, :5], k1[:, :, :5])
+    assert not torch.allclose(q0[:, :, 5:], q1[:, :, 5:])
+
+
+def test_param_groups_multipliers():
+    cfg = tiny("unused", "--depth", "3")
+    model = dino.DINO(cfg)
+    mult = {id(p): (g["lr_mult"], g["wd_mult"], g["last_layer"]) for g in dino.param_groups(model, cfg)
+            for p in g["params"]}
+    named = dict(model.named_parameters())
+    get = lambda n: mult[id(named[n])]                                     # noqa: E731
+    assert get("backbone.patch_embed.proj.weight") == pytest.approx((0.9 ** 4 * 0.2, 1.0, False))
+    assert get("backbone.cls_token")[:2] == pytest.approx((0.9 ** 4, 1.0))   # tokens decayed, as official
+    assert get("backbone.blocks.0.attn.qkv.weight")[0] == pytest.approx(0.9 ** 3)
+    assert get("backbone.blocks.2.ls1.gamma") == pytest.approx((0.9, 0.0, False))
+    assert get("backbone.norm.weight") == pytest.approx((1.0, 0.0, False))
+    assert get("dino_head.mlp.0.bias") == (1.0, 0.0, False)
+    assert get("ibot_head.last_layer.weight") == (1.0, 1.0, True)
+    assert len(mult) == sum(1 for _ in model.parameters())
+
+
+def cosine_official(base, final, total, warmup=0, start=0.0):
+    """dinov3 train/cosine_lr_scheduler.py CosineScheduler (trunc_extra 0) as an array."""
+    iters = np.arange(total - warmup)
+    return np.concatenate([np.linspace(start, base, warmup),
+                           final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))])
+
+
+def test_schedules_match_official_and_clip():
+    ref = cosine_official(1e-3, 1e-6, 50, warmup=10)
+    assert np.allclose([dino.cosine(i, 50, 1e-3, 1e-6, warmup=10) for i in range(50)], ref, rtol=1e-12)
+    assert dino.cosine(50, 50, 1e-3, 1e-6, warmup=10) == 1e-6
+    assert np.allclose([dino.cosine(i, 40, 0.04, 0.4) for i in range(40)], cosine_official(0.04, 0.4, 40))
+    cfg = dino.parse_args(["--device", "cpu", "--epochs", "2", "--epoch-length", "5"])   # warmups of 10 epochs > run
+    s = [dino.schedules(i, cfg, 5, 10) for i in range(12)]
+    assert s[0]["lr"] == 0 and s[9]["lr"] == pytest.approx(1e-3) and s[11]["lr"] == 1e-6   # warmup = whole run
+    assert [round(v["tau_t"], 6) for v in s[:10:9]] == [0.04, 0.07] and s[11]["tau_t"] == 0.07
+    assert s[4]["last_lr"] == 0 and s[5]["last_lr"] == s[5]["lr"] > 0   # last layer frozen the first epoch
+    assert s[0]["momentum"] == 0.992 and s[10]["momentum"] == 1.0 and s[0]["wd"] == pytest.approx(0.04)
+    sq = dino.parse_args(["--device", "cpu", "--lr-scaling", "sqrt_wrt_1024", "--warmup", "0"])
+    assert dino.schedules(0, sq, 10, 100)["lr"] == pytest.approx(1e-3 * 4 * math.sqrt(128 / 1024))
+
+
+def test_train_step_weights_and_ema(tmp_path):
+    cfg = tiny(tmp_path, "--n-local", "3")
+    raw, teacher, opt = dino.build(cfg, torch.device("cpu"))
+    raw.train()
+    gen = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (4, 3, 37, 37), dtype=torch.uint8)
+    masks = dino.collate([(f, "", (0, 0)) for f in frames], cfg, 0)[1:4]
+    views = dino.make_views(frames, cfg, gen, torch.full((3,), 0.5), torch.full((3,), 0.25))
+    old_t = [p.clone() for p in teacher.parameters()]
+    sched = dict(lr=1e-3, last_lr=1e-3, wd=0.04, momentum=0.9, tau_t=0.05)
+    loss, local, glob, koleo, ibot = dino.train_step(raw, raw, teacher, opt, views, masks, sched, cfg,
+                                                     torch.autocast("cpu", enabled=False)).tolist()
+    assert loss == pytest.approx((6 * local + 2 * glob) / 8 + 0.1 * 2 * koleo + ibot, rel=1e-5)
+    assert 0 < ibot and 0 < local and 0 < glob
+    for t0, t1, s in zip(old_t, teacher.parameters(), raw.parameters()):
+        torch.testing.assert_close(t1, 0.9 * t0 + 0.1 * s)
+    assert any(not torch.equal(a, b) for a, b in zip(old_t, teacher.parameters()))
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_data_listing_formats_and_errors(tmp_path):
+    d = tmp_path / "d"
+    make_frames(d / "sub", n=2, chans=1)
+    pages = [Image.fromarray((np.arange(400).reshape(20, 20) * 100).astype(np.uint16)) for _ in range(2)]
+    pages[0].save(d / "multi.tif", save_all=True, append_images=pages[1:])
+    np.save(d / "stack.npy", np.zeros((3, 10, 12, 3), np.uint8))
+    (d / "broken.png").write_bytes(b"not a png")
+    items = dino.list_frames(str(d))
+    assert len(items) == 1 + 2 + 3 + 2                                     # broken, tif pages, npy rows, pngs
+    ds = dino.Frames(items, 3, 24)
+    frames = [ds[(i, 0, 0)] for i in range(len(items))]
+    assert [bool(f[1]) for f in frames] == [True] + [False] * 7 and "broken.png" in frames[0][1]
+    assert all(f[0].shape == (3, 24, 24) and f[0].dtype == torch.uint8 for f in frames)
+    tif = frames[1][0]
+    assert tif.max() == 255 and tif.min() == 0                             # 16-bit: min-max to 8 bits
+    np.save(d / "bad.npy", np.zeros((3, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="bad.npy.*uint8"):
+        dino.list_frames(str(d))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="empty: no png"):
+        dino.list_frames(str(tmp_path / "empty"))
+    cfg = dino.parse_args(["--data", str(d / "sub"), "--in-chans", "3", "--out", str(tmp_path / "o")])
+    (d / "sub" / "stats.json").write_text(json.dumps({"mean": [0.5], "std": [0.2]}))
+    with pytest.raises(ValueError, match="stats.json: 1 channel.*--in-chans 1"):
+        dino.get_stats(cfg, None, True, False)
+    (d / "sub" / "stats.json").unlink()                                     # computed, written, then read back
+    ds = dino.Frames(dino.list_frames(str(d / "sub")), 3, 24)
+    mean, std = dino.get_stats(dino.parse_args(["--data", str(d / "sub"), "--num-workers", "0"]), ds, True, False)
+    x = torch.stack([ds[(i, 0, 0)][0] for i in range(2)]).double() / 255    # (2, 3, 24, 24)
+    np.testing.assert_allclose(mean, x.mean((0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(std, x.transpose(0, 1).flatten(1).std(1, unbiased=False), rtol=1e-5)
+    assert json.load(open(d / "sub" / "stats.json"))["mean"] == pytest.approx(mean)
+
+# ----------------------------------------------------------------------------- training runs
+
+
+def test_resume_is_exact_and_checkpoint_loads(tmp_path):
+    data = make_frames(tmp_path / "data", n=12, chans=1)                 # 3 steps per epoch at batch 4
+    a = dino.train(tiny(tmp_path / "a", "--data", data, "--in-chans", "1", "--max-steps", "5"))
+    dino.train(tiny(tmp_path / "b", "--data", data, "--in-chans", "1", "--max-steps", "2"))
+    c = dino.train(tiny(tmp_path / "b", "--data", data, "--in-chans", "1", "--max-steps", "5",
+                        "--resume", str(tmp_path / "b" / "ckpt.safetensors")))
+    assert len(a["losses"]) == 5 and len(c["losses"]) == 3
+    assert c["losses"] == a["losses"][2:]                                  # bit-identical, across an epoch boundary
+    for p, q in zip(a["teacher"].parameters(), c["teacher"].parameters()):
+        assert torch.equal(p, q)
+    log = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
+    assert [r["step"] for r in log] == list(range(5)) and log[3]["epoch"] == 1
+    assert {"loss", "lr", "wd", "momentum", "tau_t", "img_per_s", "ibot", "koleo"} <= set(log[0])
+    enc, meta = vit.load_encoder(tmp_path / "a" / "ckpt.safetensors")
+    assert meta["method"] == "dino" and meta["pool"] == "cls" and meta["step"] == 5 and meta["in_chans"] == 1
+    assert meta["state"]["data_position"] == [1, 2]                         # (epoch, batch) of step 5
+    for (k, p), q in zip(a["teacher"].backbone.state_dict().items(), enc.state_dict().values()):
+        assert torch.equal(p, q), k
+    with pytest.raises(ValueError, match="does not fit"):
+        dino.train(tiny(tmp_path / "d", "--data", data, "--in-chans", "1", "--n-prototypes", "64",
+                        "--resume", str(tmp_path / "a" / "ckpt.safetensors")))
+
+
+def test_nan_stops_before_saving(tmp_path):
+    data = make_frames(tmp_path / "data", n=8)
+    cfg = tiny(tmp_path / "o", "--data", data, "--lr", "1e30", "--warmup", "0", "--save-every", "1")
+    with pytest.raises(RuntimeError, match=r"step 1: loss is (nan|inf)"):
+        dino.train(cfg)
+    _, meta = vit.load_checkpoint(tmp_path / "o" / "ckpt.safetensors")
+    assert meta["step"] == 1                                               # the last good checkpoint is intact
+
+
+def _worker(rank, port, data, out, result):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+    os.environ["MASTER_PORT"] = str(port)
+    torch.distributed.init_process_group("gloo")
+    logits = torch.randn(12, 10, generator=torch.Generator().manual_seed(5)) * 2    # the same on both ranks
+    sk = dino.sinkhorn_knopp(logits[rank * 6:(rank + 1) * 6], 0.05)      # each rank holds half of the batch
+    torch.distributed.destroy_process_group()
+    os.environ["MASTER_PORT"] = str(port + 1)
+    r = dino.train(tiny(out, "--data", data, "--batch-size", "8", "--max-steps", "2"))
+    torch.save({"sk": sk, "losses": r["losses"], "student": r["student"].state_dict(),
+                "teacher": r["teacher"].state_dict()}, result.format(rank))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_identical_weights(tmp_path):
+    data = make_frames(tmp_path / "data", n=16)
+    result = str(tmp_path / "rank{}.pt")
+    mp.start_processes(_worker, args=(free_port(), data, str(tmp_path / "o"), result), nprocs=2, start_method="spawn")
+    r0, r1 = torch.load(result.format(0)), torch.load(result.format(1))
+    logits = torch.randn(12, 10, generator=torch.Generator().manual_seed(5)) * 2
+    torch.testing.assert_close(torch.cat([r0["sk"], r1["sk"]]), dino.sinkhorn_knopp(logits, 0.05))
+    assert r0["losses"] == r1["losses"] and len(r0["losses"]) == 2
+    for part in ("student", "teacher"):
+        for k, v in r0[part].items():
+            assert torch.equal(v, r1[part][k]), f"{part}.{k} differs between ranks"
+    t, meta = vit.load_checkpoint(tmp_path / "o" / "ckpt.safetensors")
+    assert meta["step"] == 2 and len(vit.unpack_state(meta["state"]["rng"], t)) == 2
+    assert torch.equal(t["encoder.norm.weight"], r0["teacher"]["backbone.norm.weight"])
