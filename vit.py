@@ -6,6 +6,9 @@
     save_checkpoint("run/ckpt.safetensors", model, method="ijepa", pool="mean", mean=[.2], std=[.2], ...)
     model, meta = load_encoder("run/ckpt.safetensors")      # probe.py / abmil.py / viz.py
 
+    python vit.py convert mae_pretrain_vit_base.pth --from mae --out mae_b16.safetensors   # official weights
+    python vit.py demo                                                                     # smoke run
+
 Layout follows timm's VisionTransformer so MAE, I-JEPA and timm weights map with at most a prefix strip
 (../shared/reference/ssl-methods.md section 1): `cls_token`, `reg_token`, `pos_embed`, `patch_embed.proj`,
 `blocks.{i}.norm1 / attn.qkv / attn.proj / ls1.gamma / norm2 / mlp.fc1 / mlp.fc2 / ls2.gamma`, `norm`.
@@ -529,9 +532,231 @@ def demo_main(argv=None):
           f"reloaded output max |diff| = {diff:.2e}")
 
 
+# -----------------------------------------------------------------------------
+# official checkpoints: `python vit.py convert SRC --from mae|ijepa|dinov3|timm --out X.safetensors`
+#
+# Key names and shapes: ../shared/reference/ssl-methods.md section 1. The ViT layout above is timm's, so MAE,
+# I-JEPA and timm weights map by name; DINOv3 needs storage_tokens -> reg_token and its masked k-bias folded.
+# Nothing is unpickled beyond tensors and plain containers: torch.load(weights_only=True), or safetensors.
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+OFFICIAL = {                  # source: (entry of the checkpoint that holds the encoder, pool the paper uses)
+    "mae": ("model", "cls"),                 # mae util/misc.py save_model: {model, optimizer, epoch, scaler, args}
+    "ijepa": ("target_encoder", "mean"),     # ijepa src/train.py:248-260; the paper probes the target encoder
+    "dinov3": (None, "cls"),                 # hub backbones (dinov3_vits16_pretrain_*.pth): a bare state dict
+    "timm": (None, "cls"),                   # pytorch_model.bin / model.safetensors: a bare state dict
+}
+HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16}  # width -> heads, timm/MAE/I-JEPA ViTs
+WRAPPERS = ("module.", "backbone.", "_orig_mod.")   # DDP (I-JEPA), DINO teacher (--key teacher), torch.compile
+
+
+def read_official(path):
+    """An official checkpoint file -> whatever it holds (dict of tensors, or of entries), never running code."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    import argparse
+    import pickle
+    try:
+        # MAE's checkpoints carry an argparse.Namespace (args); allowing it runs no code, it only sets attributes
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), str(e).splitlines()[0])
+        why = why.split(" was not an allowed")[0]
+        raise ValueError(f"{path}: torch.load(weights_only=True) refused it ({why}). pretext never unpickles "
+                         f"arbitrary objects; in a session you trust, re-save only the weights, e.g. "
+                         f"torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth')") from None
+    except RuntimeError as e:
+        raise ValueError(f"{path}: not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def guess_source(obj):
+    """Which official layout a loaded checkpoint looks like (for error messages), or None."""
+    if not isinstance(obj, dict):
+        return None
+    if "target_encoder" in obj:
+        return "ijepa"
+    if isinstance(obj.get("model"), dict):
+        return "mae"
+    keys = {k.split(".", 1)[1] if k.startswith(WRAPPERS) else k for k in obj}
+    if "storage_tokens" in keys or "rope_embed.periods" in keys:
+        return "dinov3"
+    if "pos_embed" in keys:
+        return "timm"
+    return None
+
+
+def official_state_dict(obj, source, path, key=None):
+    """Pick the encoder's entry (`model`, `target_encoder`, ...), strip wrapper prefixes, cast to float32."""
+    guess = guess_source(obj)
+    hint = f"; it looks like {guess} weights: use --from {guess}" if guess and guess != source else ""
+    entry = key or OFFICIAL[source][0]
+    if entry is not None:
+        if not isinstance(obj, dict) or entry not in obj:
+            found = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+            raise ValueError(f"{path}: no {entry!r} entry (it holds {found}), so it is not an official {source} "
+                             f"checkpoint{hint}")
+        obj = obj[entry]
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        found = [k for k, v in obj.items() if not torch.is_tensor(v)][:8] if isinstance(obj, dict) else type(obj)
+        raise ValueError(f"{path}: expected a state dict of tensors{f' under {entry!r}' if entry else ''}, "
+                         f"found non-tensor entries {found}{hint}")
+    sd = {}
+    for k, v in obj.items():
+        for p in WRAPPERS:
+            k = k[len(p):] if k.startswith(p) else k
+        sd[k] = v.float()
+    return sd
+
+
+def convert_state_dict(sd, source, path="", img_size=None, num_heads=None):
+    """Official names -> a ViT with those weights; the ViTConfig is read off the tensor shapes."""
+    guess = guess_source(sd)
+    hint = f"; it looks like {guess} weights: use --from {guess}" if guess and guess != source else ""
+    if "patch_embed.proj.weight" not in sd:
+        raise ValueError(f"{path}: no patch_embed.proj.weight, so not a ViT state dict{hint}")
+    for bad, why in (("mlp.w1.weight", "a SwiGLU FFN (DINOv3 ViT-S+/H+/7B)"), ("mlp.fc1_g.weight", "a SwiGLU FFN"),
+                     ("attn.q_norm.weight", "qk-norm"), ("fc_norm.weight", "fc_norm after pooling (no per-token "
+                      "final norm)"), ("cls_norm.weight", "separate CLS / patch norms"), ("norm_pre.weight", "a "
+                      "pre-norm (CLIP)")):
+        if any(k.endswith(bad) for k in sd):
+            raise ValueError(f"{path}: this ViT has {why}, which pretext's ViT does not implement; "
+                             f"supported: plain ViT-S/B/L-style encoders")
+    D, C, p, p2 = sd["patch_embed.proj.weight"].shape                     # (D, in_chans, p, p) conv
+    if p != p2:
+        raise ValueError(f"{path}: non-square patches {p}x{p2} are not supported")
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    has_cls = "cls_token" in sd
+    if source == "dinov3":
+        if "pos_embed" in sd or "rope_embed.periods" not in sd:
+            raise ValueError(f"{path}: DINOv3 backbones use RoPE (rope_embed.periods) and no pos_embed; this one "
+                             f"{'has a pos_embed' if 'pos_embed' in sd else 'has no rope_embed.periods'}{hint}")
+    elif "rope_embed.periods" in sd or "storage_tokens" in sd or "pos_embed" not in sd:
+        raise ValueError(f"{path}: {source} ViTs have a pos_embed table and no RoPE / storage tokens{hint}")
+    if source == "ijepa" and has_cls:
+        raise ValueError(f"{path}: I-JEPA encoders have no CLS token but this one does{hint or '; try --from mae'}")
+    if source == "mae" and not has_cls:
+        raise ValueError(f"{path}: MAE encoders have a CLS token but this one has none{hint}")
+
+    drop = {"mae": ("decoder_", "mask_token"), "timm": ("head.",), "ijepa": (),
+            "dinov3": ("head.", "dino_head.", "ibot_head.")}[source]          # heads: not the encoder
+    out = {}
+    for k, v in sd.items():
+        if k.startswith(drop) or k.endswith("attn.qkv.bias_mask"):
+            continue
+        out[{"storage_tokens": "reg_token"}.get(k, k)] = v
+    for i in range(depth):
+        # DINOv3 LinearKMaskedBias: the qkv bias is used as bias * bias_mask, the mask zeroing the k third
+        # (dinov3 layers/attention.py, mask set in vision_transformer.py:45-48); fold it in
+        m = sd.get(f"blocks.{i}.attn.qkv.bias_mask")
+        if m is not None:
+            if not torch.isfinite(m).all():   # the NaN placeholder of an uninitialised module: use the real mask
+                m = torch.ones_like(m)
+                m[D:2 * D] = 0
+            out[f"blocks.{i}.attn.qkv.bias"] = out[f"blocks.{i}.attn.qkv.bias"] * m
+    if "reg_token" in out and out["reg_token"].shape[1] == 0:
+        del out["reg_token"]                                             # an empty (1, 0, D) storage-token tensor
+    num_reg = out["reg_token"].shape[1] if "reg_token" in out else 0
+    if "mask_token" in out:
+        out["mask_token"] = out["mask_token"].reshape(1, D)              # DINOv3 stores (1, D)
+
+    if "rope_embed.periods" in out:
+        periods = out["rope_embed.periods"]                              # (head_dim / 4,)
+        heads = D // (4 * len(periods))
+        # periods_i = base^(4i / head_dim) (RopeEmbed); the file's own periods are loaded either way
+        base = float(periods[1] ** (D // heads / 4)) if len(periods) > 1 else 100.0
+        kind, img = "rope", img_size or 224
+    else:
+        heads = num_heads or HEADS.get(D) or D // 64
+        base = 100.0
+        pos = out["pos_embed"]                                            # (1, rows, D)
+        rows = pos.shape[1]
+        # timm keeps a row per prefix token (cls [+ registers]) unless no_embed_class; I-JEPA has none
+        n_pre = next((c for c in (int(has_cls) + num_reg, int(has_cls), 0)
+                      if rows - c > 0 and math.isqrt(rows - c) ** 2 == rows - c), None)
+        if n_pre is None:
+            raise ValueError(f"{path}: pos_embed has {rows} rows, not a square grid plus prefix tokens")
+        grid = math.isqrt(rows - n_pre)
+        if n_pre > int(has_cls):   # registers got a pos row: fold it into the token (timm adds it, ViT does not)
+            out["reg_token"] = out["reg_token"] + pos[:, int(has_cls):n_pre]
+        cls_row = pos[:, :1] if has_cls and n_pre else pos.new_zeros(1, 1, D)
+        table = torch.cat([cls_row, pos[:, n_pre:]], 1) if has_cls else pos[:, n_pre:]   # (1, [1 +] g*g, D)
+        ref = sincos_2d(D, grid, grid) if D % 4 == 0 else None
+        if ref is not None and has_cls:
+            ref = torch.cat([torch.zeros(1, D), ref])
+        sincos = ref is not None and torch.allclose(table[0], ref, atol=1e-4)
+        if source in ("mae", "ijepa") and not sincos:
+            print(f"note: {path}: pos_embed is not the 2D sin-cos table; kept as a learned table")
+        out["pos_embed"] = table
+        kind, img = ("sincos" if sincos else "learned"), grid * p
+        if img_size and img_size != img:
+            raise ValueError(f"{path}: its pos_embed is for {img} px images (grid {grid}), not --img-size "
+                             f"{img_size}; convert without --img-size (other sizes are interpolated at run time)")
+    if D % heads:
+        raise ValueError(f"{path}: cannot infer the number of heads for width {D}; pass --heads")
+    hidden = out["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in out else 4 * D
+    cfg = ViTConfig(img_size=img, patch_size=p, in_chans=C, embed_dim=D, depth=depth, num_heads=heads,
+                    mlp_ratio=hidden / D, qkv_bias="blocks.0.attn.qkv.bias" in out, cls_token=has_cls,
+                    num_reg=num_reg, pos_embed=kind, rope_base=base,
+                    layerscale=1e-5 if "blocks.0.ls1.gamma" in out else 0.0,   # any nonzero: the file sets gamma
+                    ln_eps=1e-5 if source == "dinov3" else 1e-6, mask_token="mask_token" in out)
+    model = ViT(cfg)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(out)), sorted(set(out) - set(expected))
+    wrong = [f"{k}: {tuple(out[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in out and out[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path}: the {source} weights do not map onto pretext's ViT (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, shape mismatch {wrong[:5]}){hint}")
+    model.load_state_dict(out)
+    return model.eval()
+
+
+def convert_checkpoint(src, source, out, mean=None, std=None, img_size=None, num_heads=None, key=None):
+    """Official weights -> a pretext checkpoint (method=source, pool as the paper evaluates that method)."""
+    if source not in OFFICIAL:
+        raise ValueError(f"--from must be one of {sorted(OFFICIAL)}, got {source!r}")
+    sd = official_state_dict(read_official(src), source, src, key)
+    model = convert_state_dict(sd, source, src, img_size, num_heads)
+    C = model.cfg.in_chans
+    mean = list(mean) if mean else (IMAGENET_MEAN if C == 3 else [sum(IMAGENET_MEAN) / 3] * C)
+    std = list(std) if std else (IMAGENET_STD if C == 3 else [sum(IMAGENET_STD) / 3] * C)
+    pool = OFFICIAL[source][1] if model.cfg.cls_token else "mean"
+    save_checkpoint(out, model, method=source, pool=pool, mean=mean, std=std,
+                    args={"converted_from": os.path.abspath(src), "from": source, "key": key or OFFICIAL[source][0]})
+    return model, pool
+
+
+def convert_main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(prog="vit.py convert", description="official MAE / I-JEPA / DINOv3 / timm ViT "
+                                "weights -> a pretext checkpoint that probe.py, abmil.py and viz.py read")
+    p.add_argument("src", help="official checkpoint (.pth / .pth.tar / .bin / .safetensors)")
+    p.add_argument("--from", dest="source", required=True, choices=sorted(OFFICIAL))
+    p.add_argument("--out", required=True, help="output .safetensors")
+    p.add_argument("--mean", type=float, nargs="+", help="normalisation mean per channel (default ImageNet)")
+    p.add_argument("--std", type=float, nargs="+", help="normalisation std per channel (default ImageNet)")
+    p.add_argument("--img-size", type=int, help="input size recorded for RoPE models (default 224)")
+    p.add_argument("--heads", type=int, help="attention heads when the width is not a standard ViT size")
+    p.add_argument("--key", help="checkpoint entry holding the encoder (default: model / target_encoder / none)")
+    a = p.parse_args(argv)
+    try:
+        model, pool = convert_checkpoint(a.src, a.source, a.out, a.mean, a.std, a.img_size, a.heads, a.key)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    c = model.cfg
+    n = sum(t.numel() for t in model.parameters()) / 1e6
+    print(f"{a.src} ({a.source}) -> {a.out}: {n:.1f}M parameters, embed {c.embed_dim}, depth {c.depth}, "
+          f"heads {c.num_heads}, patch {c.patch_size}, img {c.img_size}, in_chans {c.in_chans}, "
+          f"pos {c.pos_embed}, cls {c.cls_token}, registers {c.num_reg}, pool {pool}")
+
+
 if __name__ == "__main__":
     import sys
-    commands = {"demo": demo_main}
+    commands = {"demo": demo_main, "convert": convert_main}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         raise SystemExit(f"usage: python vit.py {{{','.join(commands)}}} [options]")
     commands[sys.argv[1]](sys.argv[2:])
