@@ -12,4 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one intra-op thread: the tests use tiny tensors, and on a shared 2-core box more threads oversubscribe badly
+# (a tiny MAE step ran 50x slower with 2 threads while other jobs ran); subprocess tests inherit OMP_NUM_THREADS
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
