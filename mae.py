@@ -5,7 +5,7 @@ back in place among a learned mask token, and predicts the pixels of every patch
 masked patches against per-patch normalised pixels (norm_pix_loss). Faithful to facebookresearch/mae@efb2a80
 (models_mae.py, main_pretrain.py, engine_pretrain.py, util/lr_sched.py), cited below as file:line.
 
-    python mae.py --data us_frames/ --in-chans 1                              # one GPU (or CPU)
+    python mae.py --data us_frames/ --in-chans 1          # one GPU (or CPU); no --data: prep/synthetic.py frames
     torchrun --nproc_per_node=8 mae.py --data us_frames/ --in-chans 1         # 8 GPUs, --batch-size is global
     python mae.py --size vit_tiny --depth 4 --img-size 64 --patch-size 8 --decoder-dim 128 --decoder-depth 2 \
         --decoder-heads 4 --batch-size 32 --synthetic-frames 256 --epochs 80 --lr 1.5e-3 --vis   # CPU, ~3 min
@@ -14,16 +14,14 @@ masked patches against per-patch normalised pixels (norm_pix_loss). Faithful to 
 
 Writes OUT/ckpt.safetensors (`encoder.*` is what probe.py, abmil.py and viz.py read, pool "cls"; the decoder,
 optimizer, data position and RNG states are there for --resume), OUT/log.jsonl and, with --vis, OUT/recon.png.
-Without --data it trains on synthetic ultrasound frames from prep/synthetic.py.
 
-As the official code: model, masking, loss, init, schedule, optimizer, decay groups and augmentation, with the
-PRETRAIN.md recipe's norm_pix_loss on and the paper's Table 4 (batch 256, blr 1.5e-4, 10 warmup epochs).
-Different, and why:
-- bf16 autocast, no GradScaler (official: fp16 + GradScaler, engine_pretrain.py:47,57). bf16 has fp32's exponent
-  range, so nothing needs loss scaling and no step is skipped for an overflow; on A100/H100 it is as fast as fp16.
-- crops and flips run batched on the GPU (one affine grid per image, grid_sample bicubic) from frames that the
-  workers resized to --load-size; torchvision crops on the CPU workers (main_pretrain.py:123-127). A crop is
-  never shrunk by more than load_size / img_size (256 / 224), so the missing antialiasing hardly matters.
+As the official code: model, masking, loss, init, schedule, optimizer, decay groups, augmentation, PRETRAIN.md's
+norm_pix_loss on and the paper's Table 4 (batch 256, blr 1.5e-4, 10 warmup epochs). Different, and why:
+- bf16 autocast, no GradScaler (official: fp16 + GradScaler, engine_pretrain.py:47,57): bf16 has fp32's exponent
+  range, so no loss scaling and no step skipped for an overflow; on A100/H100 it is as fast as fp16.
+- crops and flips run batched on the GPU (one affine grid per image, grid_sample bicubic) on frames the workers
+  padded to a square with black and resized to --load-size; torchvision crops on the CPU (main_pretrain.py:123-127).
+  A crop is never shrunk by more than load_size / img_size (256 / 224): the missing antialiasing hardly matters.
 - --batch-size is global (official: per GPU, eff = batch * accum * world, main_pretrain.py:163-166).
 - the loss reaches the host every --log-every steps, not every step (engine_pretrain.py:50-62 syncs each step);
   a non-finite loss still stops the run before anything is saved, naming the first bad step.
@@ -39,7 +37,8 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from contextlib import suppress
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -99,21 +98,16 @@ class Config:
     max_steps: int = 0              # stop early (the schedule still follows --epochs)
     seed: int = 0
     device: str = ""                # "" = cuda if available, else cpu
-    vis: bool = False               # write OUT/recon.png at the end
-    vis_every: int = 0              # and every this many steps
+    vis: bool = False               # write OUT/recon.png with every checkpoint
     n_vis: int = 6
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="MAE pretraining (see the docstring of mae.py)")
+    special = {bool: {"action": argparse.BooleanOptionalAction}, tuple: {"type": float, "nargs": 2}}  # --no-flag
     for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        elif isinstance(f.default, tuple):
-            p.add_argument(flag, type=float, nargs=2, default=f.default, metavar=("A", "B"))
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default)
+        kw = special.get(type(f.default), {"type": type(f.default)})
+        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kw)
     return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()})
 
 
@@ -140,14 +134,13 @@ EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
 def list_frames(data):
     """Every frame file under `data` (recursive, sorted) and how many frames each holds."""
     if not os.path.isdir(data):
-        raise SystemExit(f"--data {data}: no such folder")
+        raise SystemExit(f"{data}: no such folder; pass --data the folder that holds your frames")
     paths = sorted(os.path.join(r, f) for r, _, fs in os.walk(data, followlinks=True) for f in fs
                    if f.lower().endswith(EXTS))
     if not paths:
-        raise SystemExit(f"--data {data}: no {'/'.join(e[1:] for e in EXTS)} files under it")
-    counts = []
-    for p in paths:
-        n = 1
+        raise SystemExit(f"{data}: no {'/'.join(e[1:] for e in EXTS)} files under it; point --data at your frames")
+    counts = [1] * len(paths)
+    for j, p in enumerate(paths):
         if p.lower().endswith(".npy"):
             try:
                 a = np.load(p, mmap_mode="r")
@@ -156,14 +149,10 @@ def list_frames(data):
             if a.dtype != np.uint8 or a.ndim not in (3, 4) or (a.ndim == 4 and a.shape[3] not in (1, 3, 4)):
                 raise SystemExit(f"{p}: a frame stack must be uint8 (N, H, W) or (N, H, W, C) with C 1, 3 or 4, "
                                  f"got {a.dtype} {a.shape}; convert it (e.g. np.save(p, a.astype(np.uint8)))")
-            n = len(a)
-        elif p.lower().endswith((".tif", ".tiff")):
-            try:                                                     # each page of a multi-page tif is a frame
-                with Image.open(p) as im:
-                    n = getattr(im, "n_frames", 1)
-            except Exception:                                        # unreadable: reported when it is loaded
-                pass
-        counts.append(n)
+            counts[j] = len(a)
+        elif p.lower().endswith((".tif", ".tiff")):                  # each page of a multi-page tif is a frame
+            with suppress(Exception), Image.open(p) as im:           # unreadable: reported when it is loaded
+                counts[j] = getattr(im, "n_frames", 1)
     return paths, counts
 
 
@@ -178,8 +167,7 @@ class Frames(torch.utils.data.Dataset):
     def __len__(self):
         return int(self.starts[-1])
 
-    def locate(self, i):
-        """Frame i -> (file, frame within the file)."""
+    def locate(self, i):                                             # frame i -> (file, frame within the file)
         f = int(np.searchsorted(self.starts, i, side="right")) - 1
         return self.paths[f], i - int(self.starts[f])
 
@@ -194,29 +182,30 @@ class Frames(torch.utils.data.Dataset):
                 with Image.open(path) as f:
                     f.seek(page)
                     im = f.copy()
-            if im.mode.startswith("I") or im.mode == "F":            # 16-bit / float: stretch each frame
-                a = np.asarray(im, dtype=np.float32)
-                a = (a - a.min()) / max(float(a.max() - a.min()), 1e-6) * 255
-                im = Image.fromarray(a.round().astype(np.uint8))
-            im = im.convert("L" if self.in_chans == 1 else "RGB").resize((self.L, self.L), Image.BICUBIC)
-            return torch.from_numpy(np.asarray(im).copy()).reshape(self.L, self.L, -1).permute(2, 0, 1), True, i
+            if im.mode.startswith("I") or im.mode == "F":            # 16-bit: / 257, the full range, no stretch
+                a = np.asarray(im, dtype=np.float32) * (255 if im.mode == "F" else 1 / 257)   # float: [0, 1]
+                im = Image.fromarray((a.clip(0, 255) + 0.5).astype(np.uint8))
+            im = im.convert("L" if self.in_chans == 1 else "RGB")    # RGB -> gray by PIL's "L"; gray repeated
+            sq = Image.new(im.mode, (max(im.size),) * 2)             # pad to a square with black, centred: a fan
+            sq.paste(im, ((sq.width - im.width) // 2, (sq.height - im.height) // 2))   # keeps its aspect ratio
+            a = np.asarray(sq.resize((self.L, self.L), Image.BICUBIC)).reshape(self.L, self.L, -1)   # (L, L, C)
+            return torch.from_numpy(a.transpose(2, 0, 1).copy()), True, i                          # (C, L, L)
         except Exception:                                            # any decode error: flag it, the loop skips it
             return torch.zeros(self.in_chans, self.L, self.L, dtype=torch.uint8), False, i
 
 
 def frame_stats(ds, data, out, master):
     """Per-channel mean/std in [0, 1] units: DATA/stats.json (or OUT/stats.json), else from <= 2000 frames."""
-    for d in ((data, out) if data else ()):                          # synthetic data: always computed
-        p = os.path.join(d, "stats.json")
-        if os.path.isfile(p):
-            try:
-                s = json.load(open(p))
-                mean, std = [float(v) for v in s["mean"]], [float(v) for v in s["std"]]
-                assert len(mean) == len(std) == ds.in_chans and min(std) > 0
-                return mean, std
-            except (ValueError, KeyError, TypeError, AssertionError):
-                raise SystemExit(f"{p}: needs {{\"mean\": [...], \"std\": [...]}} with {ds.in_chans} values each "
-                                 f"(std > 0) for --in-chans {ds.in_chans}; fix it, or delete it to recompute") from None
+    paths = [os.path.join(d, "stats.json") for d in ((data, out) if data else ())]   # synthetic: always computed
+    for p in filter(os.path.isfile, paths):
+        try:
+            s = json.load(open(p))
+            mean, std = [float(v) for v in s["mean"]], [float(v) for v in s["std"]]
+            assert len(mean) == len(std) == ds.in_chans and min(std) > 0
+            return mean, std
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise SystemExit(f"{p}: needs {{\"mean\": [...], \"std\": [...]}} with {ds.in_chans} values each "
+                             f"(std > 0) for --in-chans {ds.in_chans}; fix it, or delete it to recompute") from None
     idx = np.unique(np.linspace(0, len(ds) - 1, min(len(ds), 2000)).round().astype(np.int64))
     s = s2 = n = 0
     for i in tqdm(idx, desc="mean/std", disable=not master, leave=False):
@@ -225,18 +214,17 @@ def frame_stats(ds, data, out, master):
             x = x.double() / 255                                     # (C, L, L)
             s, s2, n = s + x.sum((1, 2)), s2 + (x * x).sum((1, 2)), n + x[0].numel()
     if n == 0:
-        raise SystemExit(f"--data {data}: none of {len(idx)} frames could be read")
-    mean = (s / n).tolist()
-    std = (s2 / n - (s / n) ** 2).clamp_min(1e-12).sqrt().tolist()
-    for d in ((data, out) if master and data else ()):               # prep usually writes it; else cache it
+        raise SystemExit(f"{data}: none of {len(idx)} sampled frames could be read; check the files under it")
+    mean, std = (s / n).tolist(), (s2 / n - (s / n) ** 2).clamp_min(1e-12).sqrt().tolist()
+    for p in (paths if master else []):                              # prep usually writes it; else cache it
         try:                                                         # in DATA, or in OUT when DATA is read-only
-            os.makedirs(d, exist_ok=True)
-            with open(os.path.join(d, "stats.json.tmp"), "w") as f:
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            with open(p + ".tmp", "w") as f:
                 json.dump({"mean": mean, "std": std}, f)
-            os.replace(os.path.join(d, "stats.json.tmp"), os.path.join(d, "stats.json"))
+            os.replace(p + ".tmp", p)
             break
         except OSError:
-            continue
+            pass
     return mean, std
 
 
@@ -251,11 +239,9 @@ def batches_from(epoch, batch, n, seed, rank, world, per_rank):
 
 
 def augment(x, mean, std, cfg, g):
-    """uint8 (B, C, L, L) on the device -> normalised float (B, C, S, S): RandomResizedCrop + hflip, batched.
-
-    torchvision's RandomResizedCrop: 10 tries of area ~ U(crop_scale) and log aspect ~ U(log 3/4, log 4/3), the
-    first that fits wins, else the whole (square) frame; here in continuous coordinates, one affine grid per image.
-    """
+    """uint8 (B, C, L, L) on the device -> normalised float (B, C, S, S), batched: torchvision's RandomResizedCrop
+    (10 tries of area ~ U(crop_scale) and log aspect ~ U(log 3/4, log 4/3), the first that fits wins, else the whole
+    frame) in continuous coordinates, one affine grid per image, and hflip."""
     B, C, L, _ = x.shape
     x = (x.float() / 255 - mean.view(1, C, 1, 1)) / std.view(1, C, 1, 1)
     r = torch.rand(B, 10, 2, generator=g, device=x.device)           # (B, tries, [area, log ratio])
@@ -264,8 +250,7 @@ def augment(x, mean, std, cfg, g):
     w, h = (area * ratio).sqrt(), (area / ratio).sqrt()              # (B, 10) as fractions of the frame side
     fits = (w <= 1) & (h <= 1)
     first = fits.float().argmax(1, keepdim=True)                     # (B, 1) first try that fits
-    w = torch.where(fits.any(1), w.gather(1, first)[:, 0], 1.0)      # (B,)
-    h = torch.where(fits.any(1), h.gather(1, first)[:, 0], 1.0)
+    w, h = (torch.where(fits.any(1), t.gather(1, first)[:, 0], 1.0) for t in (w, h))   # (B,) each
     pos = torch.rand(B, 3, generator=g, device=x.device)             # (B, [left, top, flip])
     flip = torch.where(pos[:, 2] < 0.5, -1.0, 1.0) if cfg.hflip else torch.ones_like(w)
     theta = torch.zeros(B, 2, 3, device=x.device)                    # output [-1, 1]^2 -> input coordinates
@@ -287,12 +272,10 @@ def random_masking(B, N, mask_ratio, g, device):
 
 
 def block_union(B, gh, gw, cfg, g):
-    """(B, gh*gw) bool: per image the union of cfg.num_blocks target blocks (ijepa src/masks/multiblock.py:55-110).
-
-    One block size per batch (scale and aspect drawn independently; I-JEPA drives both from one uniform), the
-    positions per image and block. The top-left corner is drawn from [0, g - h] inclusive, so the last row and
-    column can be masked (I-JEPA's exclusive bound never covers them: its PRs #40 / #59).
-    """
+    """(B, gh*gw) bool: per image the union of cfg.num_blocks target blocks (ijepa src/masks/multiblock.py:55-110),
+    one block size per batch (scale and aspect drawn independently; I-JEPA drives both from one uniform), positions
+    per image and block, the top-left corner from [0, g - h] inclusive (I-JEPA's exclusive bound never masks the
+    last row and column: its PRs #40 / #59)."""
     s, a = torch.rand(2, generator=g).tolist()
     scale = cfg.block_scale[0] + (cfg.block_scale[1] - cfg.block_scale[0]) * s
     aspect = cfg.block_aspect[0] + (cfg.block_aspect[1] - cfg.block_aspect[0]) * a
@@ -317,7 +300,8 @@ def multiblock_masking(B, gh, gw, cfg, g):
     return torch.argsort(noise, dim=1), len_keep
 
 
-def sample_masks(cfg, B, grid, g_dev, g_cpu, device):
+def sample_masks(cfg, B, g_dev, g_cpu, device):
+    grid = cfg.img_size // cfg.patch_size
     if cfg.mask_type == "random":
         return random_masking(B, grid * grid, cfg.mask_ratio, g_dev, device)
     ids_shuffle, len_keep = multiblock_masking(B, grid, grid, cfg, g_cpu)
@@ -348,8 +332,7 @@ def pixel_targets(imgs, p, norm_pix):
     target = patchify(imgs.float(), p)
     if not norm_pix:
         return target, None, None
-    mean = target.mean(dim=-1, keepdim=True)                         # (B, N, 1)
-    var = target.var(dim=-1, keepdim=True)                           # (B, N, 1), Tensor.var: unbiased
+    var, mean = torch.var_mean(target, dim=-1, keepdim=True)         # (B, N, 1) each; var unbiased, as Tensor.var
     return (target - mean) / (var + 1e-6) ** 0.5, mean, var
 
 
@@ -361,8 +344,7 @@ class MAE(nn.Module):
         vcfg = vit_config(cfg.size, img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
                           cls_token=True, pos_embed="sincos", **({"depth": cfg.depth} if cfg.depth else {}))
         self.encoder = ViT(vcfg)
-        self.p, self.norm_pix_loss = cfg.patch_size, cfg.norm_pix_loss
-        Dd = cfg.decoder_dim
+        self.p, self.norm_pix_loss, Dd = cfg.patch_size, cfg.norm_pix_loss, cfg.decoder_dim
         self.decoder_embed = nn.Linear(vcfg.embed_dim, Dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
         table = torch.cat([torch.zeros(1, Dd), sincos_2d(Dd, vcfg.grid, vcfg.grid)])  # (1 + N, Dd), CLS row zero
@@ -412,8 +394,7 @@ class MAE(nn.Module):
 
 def param_groups(model, weight_decay):
     """timm 0.3.2 add_weight_decay as main_pretrain.py:179 calls it (no skip list): no decay for 1-D parameters
-    and biases; frozen parameters (the sincos tables) stay out of the optimizer; cls_token and mask_token are
-    3-D, so they ARE decayed in the official run, and here."""
+    and biases, frozen ones (the sincos tables) left out; cls_token and mask_token are 3-D: decayed, as there."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -430,10 +411,10 @@ def lr_at(step, steps_per_epoch, peak, cfg):
     return cfg.min_lr + (peak - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def train_step(model, opt, imgs, ids_shuffle, len_keep, lr, autocast):
+def train_step(model, opt, imgs, ids_shuffle, len_keep, lr):
     for group in opt.param_groups:
         group["lr"] = lr
-    with autocast:
+    with torch.autocast(imgs.device.type, dtype=torch.bfloat16, enabled=imgs.device.type == "cuda"):
         loss, _, _ = model(imgs, ids_shuffle, len_keep)
     loss.backward()
     opt.step()
@@ -445,35 +426,31 @@ def train_step(model, opt, imgs, ids_shuffle, len_keep, lr, autocast):
 
 
 def rng_state(gens):
-    """This rank's RNG states: tensors (torch CPU/CUDA, our generators) and JSON (numpy, python)."""
+    """This rank's RNG states (torch CPU/CUDA, our generators, numpy, python), for vit.pack_state."""
     st = {"torch": torch.get_rng_state(), **{k: g.get_state() for k, g in gens.items()}}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state()
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    return st, {"numpy": [keys.tolist(), pos, has_gauss, gauss], "python": random.getstate()}
+    _, keys, *rest = np.random.get_state()                           # MT19937 keys, pos, has_gauss, gauss
+    return {**st, "numpy": [keys.tolist(), *rest], "python": random.getstate()}
 
 
-def set_rng_state(st, js, gens):
+def set_rng_state(st, gens):
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state(st["cuda"])
     for k, g in gens.items():
         g.set_state(st[k])
-    keys, pos, has_gauss, gauss = js["numpy"]
-    np.random.set_state(("MT19937", np.array(keys, np.uint32), pos, has_gauss, gauss))
-    random.setstate((js["python"][0], tuple(js["python"][1]), js["python"][2]))
+    np.random.set_state(("MT19937", np.array(st["numpy"][0], np.uint32), *st["numpy"][1:]))
+    random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
 
 
 @torch.no_grad()
 def save_recon(path, raw, imgs, cfg, mean, std):
-    """PNG grid, a row per image: original | masked input | reconstruction | reconstruction + visible patches.
-
-    With norm_pix_loss the decoder predicts per-patch normalised pixels; the figure puts back each patch's true
-    mean and variance (so the masked patches' brightness comes from the image, their structure from the model).
-    """
+    """PNG grid, a row per image: original | masked input | reconstruction | reconstruction + visible patches. With
+    norm_pix_loss each patch's true mean and variance are put back (brightness from the image, structure learned)."""
     B, C, S, _ = imgs.shape
     p, g = cfg.patch_size, S // cfg.patch_size
-    ids_shuffle, len_keep = sample_masks(cfg, B, g, torch.Generator(imgs.device).manual_seed(0),
+    ids_shuffle, len_keep = sample_masks(cfg, B, torch.Generator(imgs.device).manual_seed(0),
                                          torch.Generator().manual_seed(0), imgs.device)   # the same masks each time
     _, pred, mask = raw(imgs, ids_shuffle, len_keep)
     pred = pred.float()
@@ -481,10 +458,8 @@ def save_recon(path, raw, imgs, cfg, mean, std):
         _, m, v = pixel_targets(imgs, p, True)
         pred = pred * (v + 1e-6) ** 0.5 + m
     m_img = unpatchify(mask[..., None].expand(-1, -1, p * p * C), p, g, g)   # (B, C, S, S) 1 = masked
-
-    def pixels(t):                                                   # normalised -> [0, 1]
-        return (t * std.view(1, C, 1, 1) + mean.view(1, C, 1, 1)).clamp(0, 1)
-    orig, rec = pixels(imgs.float()), pixels(unpatchify(pred, p, g, g))
+    orig = (imgs.float() * std.view(1, C, 1, 1) + mean.view(1, C, 1, 1)).clamp(0, 1)             # [0, 1] units
+    rec = (unpatchify(pred, p, g, g) * std.view(1, C, 1, 1) + mean.view(1, C, 1, 1)).clamp(0, 1)  # (B, C, S, S)
     cols = [orig, orig * (1 - m_img) + 0.5 * m_img, rec, orig * (1 - m_img) + rec * m_img]
     grid = (torch.stack(cols, 1) * 255).round().byte().permute(0, 1, 3, 4, 2).cpu().numpy()  # (B, 4, S, S, C)
     T, gap, head = max(S, 128), 4, 16                                # tiles upscaled to >= 128 px to be legible
@@ -518,7 +493,7 @@ def train(cfg):
     if os.path.exists(ckpt) and not cfg.resume:                      # never overwrite a finished or running run
         raise SystemExit(f"{ckpt} exists: pass --resume {ckpt} to continue that run, or choose another --out")
     if cfg.batch_size % world:
-        raise SystemExit(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
+        raise SystemExit(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes; use a multiple")
     torch.manual_seed(cfg.seed)                                      # the same initial weights on every rank
     np.random.seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
@@ -548,10 +523,8 @@ def train(cfg):
     model = raw = MAE(cfg).to(device)
     if ddp:
         model = DDP(raw, device_ids=[local] if device.type == "cuda" else None)
-    opt = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=peak, betas=cfg.betas,
-                            fused=device.type == "cuda")
-    gens = {"g_dev": torch.Generator(device).manual_seed(cfg.seed + rank),
-            "g_cpu": torch.Generator().manual_seed(cfg.seed + rank)}
+    opt = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=peak, betas=cfg.betas, fused=device.type == "cuda")
+    gens = {k: torch.Generator(d).manual_seed(cfg.seed + rank) for k, d in (("g_dev", device), ("g_cpu", "cpu"))}
     step, epoch, batch = 0, 0, 0
     if cfg.resume:
         tensors, meta = load_checkpoint(cfg.resume)
@@ -566,9 +539,8 @@ def train(cfg):
         opt.load_state_dict(unpack_state(meta["state"]["optim"], tensors))
         st = meta["state"]
         step, epoch, batch, mean, std = meta["step"], st["epoch"], st["batch"], meta["mean"], meta["std"]
-        if f"rng.{rank}.torch" in tensors and st["world"] == world:
-            set_rng_state({k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"rng.{rank}.")},
-                          st["rng"][str(rank)], gens)
+        if st["world"] == world:
+            set_rng_state(unpack_state(st["rng"], tensors)[rank], gens)
         elif master:
             print(f"resuming on {world} processes from a run on {st['world']}: new random streams")
     else:
@@ -582,45 +554,37 @@ def train(cfg):
         if not master:
             return
         tensors, optim = pack_state(opt.state_dict(), "optim")
+        rng_tensors, rng = pack_state(gathered, "rng")               # rng.<rank>.<stream>
+        tensors.update(rng_tensors)
         tensors.update({k: v for k, v in raw.state_dict().items() if not k.startswith("encoder.")})  # decoder
-        tensors.update({f"rng.{r}.{k}": v for r, (s, _) in enumerate(gathered) for k, v in s.items()})
-        state = {"optim": optim, "epoch": epoch, "batch": batch, "world": world,
-                 "rng": {str(r): js for r, (_, js) in enumerate(gathered)}}
+        state = {"optim": optim, "rng": rng, "epoch": epoch, "batch": batch, "world": world}
         save_checkpoint(ckpt, raw.encoder, method="mae", pool="cls", mean=mean, std=std, args=asdict(cfg),
                         step=step, tensors=tensors, state=state)
 
-    vis_imgs = None
     if master:
         os.makedirs(cfg.out, exist_ok=True)
         n_enc, n_all = (sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (raw.encoder, raw))
-        print(f"mae: {cfg.size} encoder {n_enc / 1e6:.1f}M + decoder {(n_all - n_enc) / 1e6:.1f}M params | "
-              f"{len(ds)} frames, {steps_per_epoch} steps/epoch, {total} steps ({cfg.epochs} epochs), "
-              f"peak lr {peak:.2e} | {world} x {device.type} | {cfg.mask_type} masking")
-        if cfg.warmup_epochs >= cfg.epochs:
-            print(f"note: --warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the lr never reaches its peak")
-        if cfg.vis or cfg.vis_every:                                 # fixed frames for recon.png, resized, no crop
+        print(f"mae: {cfg.size} {n_enc / 1e6:.1f}M + decoder {(n_all - n_enc) / 1e6:.1f}M params | {len(ds)} frames,"
+              f" {total} steps ({cfg.epochs} epochs), peak lr {peak:.2e} | {world} x {device.type} | {cfg.mask_type}")
+        if cfg.vis:                                                  # fixed frames for recon.png: whole, unflipped
             items = [ds[int(i)] for i in np.linspace(0, len(ds) - 1, min(cfg.n_vis, len(ds))).round()]
-            x = torch.stack([x for x, ok, _ in items if ok]).to(device).float() / 255    # (V, C, L, L)
-            x = F.interpolate(x, size=cfg.img_size, mode="bicubic", antialias=True, align_corners=False)
-            vis_imgs = (x - mean_t.view(1, -1, 1, 1)) / std_t.view(1, -1, 1, 1)
+            x = torch.stack([x for x, ok, _ in items if ok]).to(device)                       # (V, C, L, L) uint8
+            vis_imgs = augment(x, mean_t, std_t, replace(cfg, crop_scale=(1, 1), hflip=False), torch.Generator(device))
     if master and os.path.exists(log_path):                          # drop lines logged after the checkpoint
         keep = [ln for ln in open(log_path) if ln.endswith("}\n") and json.loads(ln)["step"] <= step]  # whole lines
         with open(log_path, "w") as f:
             f.writelines(keep)
     log = open(log_path, "a") if master else None
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    grid = cfg.img_size // cfg.patch_size
     pending, t_last = [], time.time()
     pbar = tqdm(total=end, initial=step, disable=not master, desc="mae", dynamic_ncols=True)
 
     def flush():
-        """Read the pending losses (one host sync per --log-every steps), log them, stop on a non-finite one."""
+        """Log the pending losses (one host sync); stop on a non-finite loss or > 1% unreadable frames (all ranks)."""
         nonlocal pending, t_last
-        losses = torch.stack([p[3] for p in pending]).float()
+        v = torch.cat([torch.stack([p[3] for p in pending]), torch.tensor([n_seen, len(bad_names)], device=device)])
         if ddp:
-            dist.all_reduce(losses)
-            losses /= world
-        losses, now = losses.tolist(), time.time()
+            dist.all_reduce(v)
+        (seen, n_bad), losses, now = v[-2:].tolist(), (v[:-2] / world).tolist(), time.time()
         ips = len(pending) * cfg.batch_size / (now - t_last)
         if master:
             for (s, e, lr, _), l in zip(pending, losses):
@@ -632,46 +596,40 @@ def train(cfg):
         pending, t_last = [], now
         if bad:
             raise SystemExit(f"step {bad[0][0]}: loss is {bad[0][1]}")
+        if seen >= 100 and n_bad > 0.01 * seen:
+            raise SystemExit(f"{', '.join(bad_names[:5]) or 'files on other ranks'}: {n_bad:.0f} of the first "
+                             f"{seen:.0f} frames could not be read (> 1%); fix or remove them")
 
-    n_seen, bad_names = 0, []
+    n_seen, bad_names = 0, []                                        # this rank's first-epoch counts
     batches = batches_from(epoch, batch, len(ds), cfg.seed, rank, world, per_rank)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.num_workers,
                                          pin_memory=device.type == "cuda")
     for x, ok, idx in (loader if step < end else []):                # a finished run resumed: nothing to do
-        n_seen += len(ok)
-        if not ok.all():                                             # unreadable frames: report and skip them
-            names = ["%s [frame %d]" % ds.locate(i) for i in idx[~ok].tolist()]
-            bad_names += names
-            if master:
-                tqdm.write("skipping unreadable " + ", ".join(names))
-            x = x[ok]
-            if len(x) == 0:
-                raise SystemExit(f"every frame of a batch failed to load, e.g. {', '.join(names[:5])}")
-        if epoch == 0 and n_seen >= 100 and len(bad_names) > 0.01 * n_seen:
-            raise SystemExit(f"{len(bad_names)} of the first {n_seen} frames could not be read (> 1%), e.g. "
-                             f"{', '.join(bad_names[:5])}; fix or remove them")
+        names = ["%s [frame %d]" % ds.locate(i) for i in idx[~ok].tolist()]   # unreadable: report, skip them
+        if epoch == 0:
+            n_seen, bad_names = n_seen + len(ok), bad_names + names
+        if names and master:
+            tqdm.write("skipping unreadable " + ", ".join(names))
+        x = x[ok] if names else x                                    # (no copy: x stays in pinned memory)
+        if len(x) == 0:
+            raise SystemExit(f"{names[0]}: unreadable, as is every frame of its batch; fix or remove them")
         x = augment(x.to(device, non_blocking=True), mean_t, std_t, cfg, gens["g_dev"])   # (b, C, S, S)
-        ids_shuffle, len_keep = sample_masks(cfg, len(x), grid, gens["g_dev"], gens["g_cpu"], device)
+        ids_shuffle, len_keep = sample_masks(cfg, len(x), gens["g_dev"], gens["g_cpu"], device)
         lr = lr_at(step, steps_per_epoch, peak, cfg)
-        loss = train_step(model, opt, x, ids_shuffle, len_keep, lr, autocast)
-        step += 1
+        loss = train_step(model, opt, x, ids_shuffle, len_keep, lr)
+        step, batch = step + 1, batch + 1
         pending.append((step, epoch, lr, loss))
-        batch += 1
-        if batch == steps_per_epoch:                                 # data position of the next batch
-            epoch, batch = epoch + 1, 0
+        epoch, batch = epoch + batch // steps_per_epoch, batch % steps_per_epoch   # data position of the next batch
         pbar.update()
         if step % cfg.log_every == 0 or step % cfg.save_every == 0 or step == end:
             flush()                                                  # before any save: a NaN never reaches disk
         if step % cfg.save_every == 0 or step == end:
             save()
-        if master and cfg.vis_every and step % cfg.vis_every == 0:
-            save_recon(os.path.join(cfg.out, "recon.png"), raw, vis_imgs, cfg, mean_t, std_t)
+            if master and cfg.vis:
+                save_recon(os.path.join(cfg.out, "recon.png"), raw, vis_imgs, cfg, mean_t, std_t)
         if step == end:
             break
     pbar.close()
-    if master and cfg.vis:
-        save_recon(os.path.join(cfg.out, "recon.png"), raw, vis_imgs, cfg, mean_t, std_t)
-        print(f"wrote {os.path.join(cfg.out, 'recon.png')}")
     if master:
         log.close()
     if ddp:
@@ -703,19 +661,16 @@ def benchmark(cfg, steps=20, warmup=5):
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
     model = MAE(cfg).to(device)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=1e-4, betas=cfg.betas,
-                            fused=device.type == "cuda")
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), betas=cfg.betas, fused=device.type == "cuda")
     g_dev, g_cpu = torch.Generator(device).manual_seed(0), torch.Generator().manual_seed(0)
     imgs = torch.randn(cfg.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    grid = cfg.img_size // cfg.patch_size
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for i in range(warmup + steps):
         if i == warmup:
             sync()
             t0 = time.perf_counter()
-        ids_shuffle, len_keep = sample_masks(cfg, cfg.batch_size, grid, g_dev, g_cpu, device)
-        train_step(model, opt, imgs, ids_shuffle, len_keep, 1e-4, autocast)
+        ids_shuffle, len_keep = sample_masks(cfg, cfg.batch_size, g_dev, g_cpu, device)
+        train_step(model, opt, imgs, ids_shuffle, len_keep, 1e-4)
     sync()
     return {"img_per_s": steps * cfg.batch_size / (time.perf_counter() - t0),
             "flops_per_img": flops_per_img(cfg, len_keep)}

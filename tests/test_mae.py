@@ -3,6 +3,7 @@ contract: exact resume, a 2-process gloo run, the NaN guard, bad input, the reco
 import json
 import math
 import os
+import re
 import socket
 
 import numpy as np
@@ -259,21 +260,38 @@ def test_augment_full_crop_is_identity_and_flip_mirrors():
 
 
 def test_frames_reads_pngs_multipage_16bit_tif_and_npy(tmp_path):
-    Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(tmp_path / "a.png")
-    pages = [Image.fromarray((np.arange(400).reshape(20, 20) * v).astype(np.uint16)) for v in (1, 100)]
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1] = 200, np.arange(30) * 8                      # a wide frame, red + a green ramp
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    ramp = np.arange(400).reshape(20, 20)
+    pages = [Image.fromarray((ramp * v).astype(np.uint16)) for v in (1, 164)]   # max 399 and 65436
     pages[0].save(tmp_path / "b.tif", save_all=True, append_images=pages[1:])
     np.save(tmp_path / "c.npy", np.zeros((3, 10, 10, 3), np.uint8))
+    Image.fromarray(np.full((6, 4), 0.5, np.float32)).save(tmp_path / "d.tif")   # float, [0, 1]
     paths, counts = mae.list_frames(str(tmp_path))
-    assert [os.path.basename(p) for p in paths] == ["a.png", "b.tif", "c.npy"] and counts == [1, 2, 3]
+    assert [os.path.basename(p) for p in paths] == ["a.png", "b.tif", "c.npy", "d.tif"] and counts == [1, 2, 3, 1]
     ds = mae.Frames(paths, counts, 1, 16)
-    assert len(ds) == 6
+    assert len(ds) == 7
+    # the shared decoding (DEVELOPERS.md): PIL "L", padded to a square with black (centred), then resized
+    square = np.zeros((30, 30), np.uint8)
+    square[5:25] = np.asarray(Image.fromarray(rgb).convert("L"))
     x, ok, i = ds[0]
-    assert ok and x.shape == (1, 16, 16) and x.dtype == torch.uint8 and abs(int(x[0, 5, 5]) - 200) <= 1
-    for i in (1, 2):                                                        # each 16-bit page stretched to 0-255
+    assert ok and x.shape == (1, 16, 16) and x.dtype == torch.uint8
+    assert np.array_equal(x[0].numpy(), np.asarray(Image.fromarray(square).resize((16, 16), Image.BICUBIC)))
+    assert x[0, 0].max() == 0 and x[0, -1].max() == 0 and x[0, 8, 1:-1].min() > 50   # black bars above and below
+    for i, v in zip((1, 2), (1, 164)):                                      # 16-bit: / 257, no per-frame stretch
         x, ok, _ = ds[i]
-        assert ok and x.min() <= 2 and x.max() >= 250
+        ref = Image.fromarray((ramp * v / 257 + 0.5).astype(np.uint8)).resize((16, 16), Image.BICUBIC)
+        assert ok and np.array_equal(x[0].numpy(), np.asarray(ref))
+    assert ds[1][0].max() <= 2 and ds[2][0].max() >= 250
+    x, ok, _ = ds[6]                                                        # float 0.5 in a 6 x 4 frame, padded
+    square = np.zeros((6, 6), np.uint8)
+    square[:, 1:5] = 128
+    assert ok and np.array_equal(x[0].numpy(), np.asarray(Image.fromarray(square).resize((16, 16), Image.BICUBIC)))
+    assert (x[0, :, 6:10] == 128).all() and x[0, :, 0].max() == 0 and x[0, :, -1].max() == 0
     assert ds.locate(2) == (paths[1], 1) and ds.locate(0) == (paths[0], 0) and ds.locate(5) == (paths[2], 2)
-    assert mae.Frames(paths, counts, 3, 8)[5][0].shape == (3, 8, 8)
+    x = mae.Frames(paths, counts, 3, 8)
+    assert x[5][0].shape == (3, 8, 8) and (x[6][0][0] == x[6][0][2]).all()  # gray repeated for --in-chans 3
 
 
 def test_bad_input_is_refused_with_the_file_named(tmp_path):
@@ -313,9 +331,26 @@ def test_unreadable_files_skipped_then_stop_above_one_percent(tmp_path, capsys):
     assert f"skipping unreadable {d / '050.png'} [frame 0]" in capsys.readouterr().out
     assert len(log_losses(tmp_path / "a")) == 15
     (d / "051.png").write_bytes(b"")                                       # 2 of 120 > 1%
-    with pytest.raises(SystemExit, match=r"2 of the first \d+ frames could not be read.*050.png"):
+    with pytest.raises(SystemExit, match=r"050.png.*051.png.*: 2 of the first \d+ frames could not be read "
+                                         r"\(> 1%\); fix or remove them"):
         mae.train(tiny(data=str(d), out=str(tmp_path / "b"), batch_size=8, epochs=1, img_size=8, patch_size=4,
                        mask_ratio=0.5))
+
+def test_unreadable_counts_are_summed_over_ranks(tmp_path):
+    """120 frames on 2 ranks: each sees 60 (< 100, the rule's minimum) but together 120, 2 of them bad (> 1%)."""
+    d = tmp_path / "pngs"
+    d.mkdir()
+    for i in range(120):
+        Image.fromarray(np.full((12, 12), i, np.uint8)).save(d / f"{i:03d}.png")
+    (d / "050.png").write_bytes(b"not a png")
+    (d / "051.png").write_bytes(b"")
+    cfg = tiny(data=str(d), out=str(tmp_path / "u"), batch_size=8, epochs=1, img_size=8, patch_size=4,
+               mask_ratio=0.5)
+    mp.spawn(_ddp_worker, args=(2, free_port(), cfg, str(tmp_path)), nprocs=2)
+    for r in (0, 1):                                                        # every rank stops, at the same step
+        msg = (tmp_path / f"rank{r}.exit").read_text()
+        assert re.search(r"2 of the first 1\d\d frames could not be read \(> 1%\)", msg)
+    assert not (tmp_path / "u/ckpt.safetensors").exists()
 
 # -----------------------------------------------------------------------------
 # training contract: resume, DDP, NaN guard, checkpoint, figure, benchmark
@@ -350,16 +385,23 @@ def _ddp_worker(rank, world, port, cfg, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    raw = mae.train(cfg)
+    try:
+        raw = mae.train(cfg)
+    except SystemExit as e:                                                 # for the test to read
+        open(os.path.join(out, f"rank{rank}.exit"), "w").write(str(e))
+        return
     torch.save(raw.state_dict(), os.path.join(out, f"rank{rank}.pt"))
 
 
-def test_two_process_gloo_run_keeps_ranks_identical(frames, tmp_path):
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_run_keeps_ranks_identical(frames, tmp_path):
     cfg = tiny(data=str(frames), out=str(tmp_path / "ddp"), max_steps=3, lr=1e-3)
-    mp.spawn(_ddp_worker, args=(2, port, cfg, str(tmp_path)), nprocs=2)   # fork can deadlock on locks of threads
+    mp.spawn(_ddp_worker, args=(2, free_port(), cfg, str(tmp_path)), nprocs=2)   # fork can deadlock on thread locks
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     torch.manual_seed(0)
     init = mae.MAE(cfg).state_dict()
