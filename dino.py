@@ -8,31 +8,27 @@
 OUT/ckpt.safetensors holds the TEACHER backbone as the encoder probe.py / abmil.py / viz.py read (pool "cls"),
 plus the student, the teacher heads, AdamW state, step and RNG states for --resume.
 
-One step (paper section 2; dinov3@6876159 train/ssl_meta_arch.py:355-649): per image 2 global crops (224, scale
-0.32-1) + 8 local crops (96, scale 0.05-0.32) made on the device; iBOT block masks on half of the 2B global crops
-(ratios 0.1-0.5). The EMA teacher (eval mode) sees the unmasked global crops: DINO head on CLS, iBOT head on the
-patches masked for the student, targets Sinkhorn-Knopp-centred at tau_t. The student sees masked global + local
-crops; loss = 16/18 DINO(local vs both global) + 2/18 DINO(global vs the other) + 0.1*2 KoLeo + 1.0 iBOT.
+One step (paper section 2; dinov3@6876159 train/ssl_meta_arch.py:355-649): 2 global + 8 local crops per image, iBOT
+block masks on half of the global crops; the EMA teacher (eval mode) sees unmasked global crops, the student masked
+global + local crops; loss = 16/18 DINO(local vs both global) + 2/18 DINO(global vs the other) + 0.1*2 KoLeo + iBOT.
 
 What differs from the official code, and why:
 - Schedule epochs are --epoch-length iterations: 1250 = the official OFFICIAL_EPOCH_LENGTH (100 epochs = 125k
-  iterations, where the paper's DINOv3 runs converged), 0 = one pass over --data (log.jsonl's epoch always counts
-  passes). Warmups and the last-layer freeze are clipped to the run length, so short runs stay well defined.
+  iterations, where the paper's runs converged), 0 = one pass over --data (log.jsonl's epoch counts passes).
+  Warmups and the last-layer freeze are clipped to the run length, so short runs stay well defined.
 - --lr is the peak LR applied (Table 4: 1e-3). The official multiplies it by 4*sqrt(B/1024) (configs/config.py:50,
   x1.41 at batch 128); --lr-scaling sqrt_wrt_1024 does the same.
 - Blur: the official GaussianBlur hands 1-p to RandomApply (data/transforms.py:19-28, dinov3 #286), so the
   configured 1.0 / 0.1 / 0.5 (global 1 / global 2 / local) act as never / 90 % / 50 %. We use these effective
   values (--blur-p 0 0.9 0.5); --blur-p 1 0.1 0.5 gives the DINOv2/BYOL intent.
-- Views are batched torch ops on the device, no torchvision: continuous crop boxes resampled by bicubic grid_sample
-  (no antialiasing); hue jitter rotates colours about the grey axis (a linear stand-in for the HSV shift, same
-  range); the jitter op order is random per image as in torchvision. With 1 channel, saturation, hue and grayscale
-  are identities: the jitter is brightness/contrast only.
-- iBOT masks follow MaskingGenerator but draw from a numpy Generator seeded by (seed, rank, epoch, batch), so a
-  resumed run sees the same masks whatever the worker count.
+- Frames are padded to a square with black (an ultrasound fan keeps its aspect ratio) and resized in the workers;
+  views are batched torch ops on the device, no torchvision: crops by bicubic grid_sample (no antialiasing); hue
+  jitter rotates colours about the grey axis (a linear stand-in for the HSV shift, same range); the jitter op order
+  is random per image as in torchvision; with 1 channel it is brightness/contrast only.
+- iBOT masks (MaskingGenerator) come from a numpy Generator seeded by (seed, rank, epoch, batch): resumable.
 - Sinkhorn-Knopp subtracts the global max logit before exp (the official overflows once logit/tau > 88; a constant
   cancels in the first normalisation) and runs with or without a process group.
-- NaN: the official aborts after 3 consecutive NaN losses, stepping the optimizer on them; we stop at the first
-  non-finite loss and save nothing, so the last checkpoint stays good.
+- NaN: the official aborts after 3 NaN losses in a row, stepping on them; we stop at the first and save nothing.
 - From vit.py: per-sample drop path (official: a batch subset), one RoPE rescale per forward (official: per
   block), RoPE in fp32 (official: bf16), trunc_normal patch-embed init. Precision: bf16 autocast, fp32 weights.
 """
@@ -133,7 +129,7 @@ def crop_sizes(cfg):
     return cfg.img_size, max(P, round(cfg.img_size * 96 / 224 / P) * P), cfg.load_size or round(cfg.img_size * 8 / 7)
 
 # -----------------------------------------------------------------------------
-# data: frames decoded to uint8 (C, L, L) in the workers; crops and colours run batched on the device
+# data: uint8 (C, L, L) frames decoded in workers; views on the device, one torch.Generator (data/augmentations.py)
 
 EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -143,29 +139,28 @@ def list_frames(root):
     items = []
     for p in sorted(glob.glob(os.path.join(glob.escape(root), "**", "*"), recursive=True)):
         ext, n = os.path.splitext(p)[1].lower(), 1
-        if ext == ".npy":
-            a = np.load(p, mmap_mode="r")
-            if a.dtype != np.uint8 or a.ndim not in (3, 4):
-                raise ValueError(f"{p}: {a.dtype} {a.shape}; save frame stacks as uint8 (N, H, W) or (N, H, W, C)")
-            n = len(a)
-        elif ext in (".tif", ".tiff"):
-            try:
+        try:
+            if ext == ".npy":
+                a = np.load(p, mmap_mode="r")
+                if a.dtype != np.uint8 or a.ndim not in (3, 4):
+                    raise SystemExit(f"{p}: {a.dtype} {a.shape}; save frame stacks as uint8 (N, H, W) or (N, H, W, C)")
+                n = len(a)
+            elif ext in (".tif", ".tiff"):
                 with Image.open(p) as im:
                     n = getattr(im, "n_frames", 1)
-            except Exception:
-                pass                                     # unreadable: the worker flags it
+        except Exception:
+            pass                                         # unreadable: one entry, the worker flags it
         items += [(p, i) for i in range(n)] if ext in EXTS + (".npy",) else []
     if not items:
-        raise ValueError(f"{root}: no {'/'.join(e[1:] for e in EXTS)} images or .npy frame stacks found")
+        raise SystemExit(f"--data {root}: no {'/'.join(e[1:] for e in EXTS)} images or .npy stacks; check the path")
     return items
 
 
 class Frames(torch.utils.data.Dataset):
-    """items [(path or in-memory uint8 stack, index)]; indexed by (i, epoch, batch) -> (uint8 (C, size, size) frame
-    squashed to the square, "" or why it is unreadable, (epoch, batch) for the collate)."""
+    """items [(path or uint8 stack, i)]; (k, epoch, batch) -> uint8 (C, L, L), "" or why unreadable, (epoch, batch)"""
 
     def __init__(self, items, chans, size):
-        self.items, self.chans, self.size = items, chans, size
+        self.items, self.chans, self.L = items, chans, size
 
     def __len__(self):
         return len(self.items)
@@ -175,20 +170,22 @@ class Frames(torch.utils.data.Dataset):
         try:
             if isinstance(src, np.ndarray) or src.endswith(".npy"):
                 a = src if isinstance(src, np.ndarray) else np.load(src, mmap_mode="r")
-                img = Image.fromarray(np.ascontiguousarray(a[i]))
+                img = Image.fromarray(np.ascontiguousarray(a[i]).squeeze())     # (H, W, 1) -> (H, W)
             else:
                 with Image.open(src) as f:
                     f.seek(i)                                # tif page
                     img = f.copy()
-            if img.mode not in ("L", "RGB", "RGBA", "P", "LA", "CMYK", "YCbCr"):   # 16-bit / float: min-max
-                a = np.asarray(img, dtype=np.float32)
-                img = Image.fromarray(((a - a.min()) / max(float(a.max() - a.min()), 1e-6) * 255).astype(np.uint8))
-            img = img.convert("L" if self.chans == 1 else "RGB").resize((self.size, self.size), Image.BICUBIC)
-            a = np.asarray(img, dtype=np.uint8).reshape(self.size, self.size, self.chans)   # (L, L, C)
+            if img.mode.startswith("I") or img.mode == "F":   # 16-bit: /257, the full range, no stretch; float: [0, 1]
+                a = np.asarray(img, dtype=np.float32) * (255 if img.mode == "F" else 1 / 257)
+                img = Image.fromarray((a.clip(0, 255) + 0.5).astype(np.uint8))
+            img = img.convert("L" if self.chans == 1 else "RGB")    # RGB -> gray by PIL's "L"; gray repeated
+            sq = Image.new(img.mode, (max(img.size),) * 2)   # pad to a square with black, centred: a fan keeps
+            sq.paste(img, ((sq.width - img.width) // 2, (sq.height - img.height) // 2))   # its aspect ratio
+            a = np.asarray(sq.resize((self.L, self.L), Image.BICUBIC)).reshape(self.L, self.L, -1)   # (L, L, C)
             return torch.from_numpy(a.transpose(2, 0, 1).copy()), "", key[1:]             # (C, L, L)
         except Exception as e:
             why = f"{src if isinstance(src, str) else 'synthetic'}[{i}] ({e})"
-            return torch.zeros(self.chans, self.size, self.size, dtype=torch.uint8), why, key[1:]
+            return torch.zeros(self.chans, self.L, self.L, dtype=torch.uint8), why, key[1:]
 
 
 def block_mask(rng, g, count, max_patches, min_patches=4, log_ar=(math.log(0.3), -math.log(0.3))):
@@ -196,21 +193,19 @@ def block_mask(rng, g, count, max_patches, min_patches=4, log_ar=(math.log(0.3),
     0.3-3.3, 10 tries each) until `count` are masked or none fits, then complete at random to exactly `count`."""
     mask = np.zeros((g, g), dtype=bool)
     while mask.sum() < count:
-        budget, delta = min(count - mask.sum(), max_patches), 0
+        budget = min(count - mask.sum(), max_patches)
         for _ in range(10):
             area = min_patches + (budget - min_patches) * rng.random()      # random.uniform allows budget < 4
             ar = math.exp(log_ar[0] + (log_ar[1] - log_ar[0]) * rng.random())
             h, w = int(round(math.sqrt(area * ar))), int(round(math.sqrt(area / ar)))
             if w < g and h < g:
                 top, left = rng.integers(0, g - h + 1), rng.integers(0, g - w + 1)   # inclusive, as random.randint
-                new = h * w - mask[top:top + h, left:left + w].sum()
-                if 0 < new <= budget:
-                    mask[top:top + h, left:left + w], delta = True, new
-            if delta > 0:
-                break
-        if delta == 0:
+                if 0 < h * w - mask[top:top + h, left:left + w].sum() <= budget:   # adds patches, within budget
+                    mask[top:top + h, left:left + w] = True
+                    break
+        else:                                                                # 10 tries placed nothing
             break
-    flat = mask.flatten()
+    flat = mask.flatten()                                                    # (g*g,)
     flat[rng.choice(np.flatnonzero(~flat), count - flat.sum(), replace=False)] = True
     return flat
 
@@ -227,9 +222,7 @@ def ibot_masks(rng, n, g, p=0.5, ratio=(0.1, 0.5)):
 def collate(samples, cfg, rank):
     """In the workers: stack the frames, replace unreadable ones by readable ones of the batch, draw iBOT masks."""
     frames, bad = torch.stack([s[0] for s in samples]), [s[1] for s in samples if s[1]]   # (B, C, L, L) uint8
-    ok = [k for k, s in enumerate(samples) if not s[1]]
-    if not ok:
-        raise RuntimeError(f"every frame of a batch is unreadable, e.g. {bad[:3]}; check --data")
+    ok = [k for k, s in enumerate(samples) if not s[1]] or [0]       # none: black frames, the loop stops the run
     for k in (k for k, s in enumerate(samples) if s[1]):
         frames[k] = frames[ok[k % len(ok)]]
     rng = np.random.default_rng([cfg.seed, rank, *samples[0][2]])          # (seed, rank, epoch, batch)
@@ -240,8 +233,7 @@ def collate(samples, cfg, rank):
 
 
 def batches(ds, cfg, rank, world, B, start, steps_per_pass):
-    """Endless (epoch, batch) from step `start`: each epoch a permutation seeded by (seed, epoch), rank r takes
-    perm[r::world] in whole batches, so the data position is a function of the step."""
+    """Endless (epoch, batch) from step `start`; epochs permuted by seed (seed, epoch), rank r takes perm[r::world]."""
     while True:
         epoch, b0 = divmod(start, steps_per_pass)
         shard = np.random.default_rng([cfg.seed, epoch]).permutation(len(ds))[rank::world]
@@ -255,21 +247,16 @@ def batches(ds, cfg, rank, world, B, start, steps_per_pass):
 def get_stats(cfg, ds, master, ddp):
     """Per-channel mean/std in [0, 1] from DIR/stats.json; if absent, rank 0 computes them over up to 2000 evenly
     spaced frames and writes DIR/stats.json (OUT/stats.json, recomputed each run, for synthetic or read-only data)."""
-    p = os.path.join(cfg.data, "stats.json") if cfg.data else ""
-    found = os.path.isfile(p)
-    if not found and not (cfg.data and os.access(cfg.data, os.W_OK)):
-        p = os.path.join(cfg.out, "stats.json")
+    found = bool(cfg.data) and os.path.isfile(os.path.join(cfg.data, "stats.json"))
+    p = os.path.join(cfg.data if found or (cfg.data and os.access(cfg.data, os.W_OK)) else cfg.out, "stats.json")
     if master and not found:
         idx = np.unique(np.linspace(0, len(ds) - 1, min(2000, len(ds))).round().astype(int))
         loader = torch.utils.data.DataLoader(ds, None, sampler=[(i, 0, 0) for i in idx], num_workers=cfg.num_workers)
-        s, n = 0, 0
-        for f, bad, _ in tqdm(loader, "stats", len(idx), leave=False):
-            if not bad:
-                f = f.double().flatten(1) / 255                              # (C, L*L)
-                s, n = s + torch.stack([f.mean(1), f.pow(2).mean(1)]), n + 1
-        if n == 0:
-            raise ValueError(f"{cfg.data}: no readable frame to compute mean/std from")
-        m1, m2 = s / n                                                       # (C,) each: E[x], E[x^2]
+        xs = (f.double() / 255 for f, bad, _ in tqdm(loader, "stats", len(idx), leave=False) if not bad)
+        m = [torch.stack([x.mean((1, 2)), x.pow(2).mean((1, 2))]) for x in xs]   # (2, C) per frame: E[x], E[x^2]
+        if not m:
+            raise SystemExit(f"--data {cfg.data}: none of {len(idx)} frames could be read; check the files")
+        m1, m2 = torch.stack(m).mean(0)                                      # (C,) each
         with open(p, "w") as f:
             json.dump({"mean": m1.tolist(), "std": (m2 - m1 ** 2).clamp(min=1e-12).sqrt().tolist()}, f)
     if ddp:
@@ -277,19 +264,14 @@ def get_stats(cfg, ds, master, ddp):
     try:
         mean, std = ([float(v) for v in json.load(open(p))[k]] for k in ("mean", "std"))
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{p}: not {{\"mean\": [...], \"std\": [...]}} ({e}); delete it to recompute") from None
+        raise SystemExit(f"{p}: not {{\"mean\": [...], \"std\": [...]}} ({e}); delete it to recompute") from None
     if not len(mean) == len(std) == cfg.in_chans:
-        raise ValueError(f"{p}: {len(mean)} channel(s) but --in-chans {cfg.in_chans}; pass --in-chans {len(mean)} "
-                         f"or delete the file to recompute")
+        raise SystemExit(f"{p}: {len(mean)} channel(s), not {cfg.in_chans}; delete it or pass --in-chans {len(mean)}")
     return mean, std
-
-# -----------------------------------------------------------------------------
-# views on the device (dinov3 data/augmentations.py), all randomness from one torch.Generator
 
 
 def crop_boxes(n, scale, gen, ratio=(3 / 4, 4 / 3), tries=10):
-    """RandomResizedCrop boxes on a square image in fractions of its side: torchvision's 10 tries of (area, log
-    aspect), the first that fits, else the whole image -> (n, 4) [w, h, cx, cy]."""
+    """RandomResizedCrop boxes (fractions of the side; torchvision's 10 tries, else all) -> (n, 4) [w, h, cx, cy]."""
     rand = partial(torch.rand, device=gen.device, generator=gen)
     area = scale[0] + (scale[1] - scale[0]) * rand(n, tries)
     ar = (math.log(ratio[0]) + math.log(ratio[1] / ratio[0]) * rand(n, tries)).exp()
@@ -303,9 +285,8 @@ def crop_boxes(n, scale, gen, ratio=(3 / 4, 4 / 3), tries=10):
 def resized_crop(x, boxes, size, flip):
     """x (B, C, L, L) float, boxes (B, 4), flip (B,) bool -> (B, C, size, size) by one affine grid per sample."""
     w, h, cx, cy = boxes.unbind(1)
-    zero = torch.zeros_like(w)
-    theta = torch.stack([torch.where(flip, -w, w), zero, 2 * cx - 1, zero, h, 2 * cy - 1], 1).view(-1, 2, 3)
-    grid = F.affine_grid(theta, [x.shape[0], x.shape[1], size, size], align_corners=False)
+    theta = torch.stack([torch.where(flip, -w, w), 0 * w, 2 * cx - 1, 0 * w, h, 2 * cy - 1], 1)     # (B, 6)
+    grid = F.affine_grid(theta.view(-1, 2, 3), [x.shape[0], x.shape[1], size, size], align_corners=False)   # (B, 2, 3)
     return F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp(0, 1)
 
 
@@ -331,8 +312,7 @@ def color_jitter(y, gen, p=0.8, b=0.4, c=0.4, s=0.2, hue=0.1, gray_p=0.2):
 
 
 def gaussian_blur(y, p, gen, k=9, sigma=(0.1, 2.0)):
-    """GaussianBlur(9, sigma U[0.1, 2]) with probability p per image: separable depthwise conv, reflect padding;
-    the images not drawn get a one-hot kernel, an exact identity."""
+    """GaussianBlur(9, sigma U[0.1, 2]) w.p. p per image: separable depthwise conv; a one-hot kernel if not drawn."""
     if p <= 0:
         return y
     M, C, H, W = y.shape
@@ -342,18 +322,16 @@ def gaussian_blur(y, p, gen, k=9, sigma=(0.1, 2.0)):
     ker = torch.where(rand(M, 1) < p, ker / ker.sum(1, keepdim=True), (t == 0).float()).repeat_interleave(C, 0)
     z = F.pad(y.reshape(1, M * C, H, W), (k // 2,) * 4, mode="reflect")    # (1, M*C, H+k-1, W+k-1)
     z = F.conv2d(F.conv2d(z, ker[:, None, None, :], groups=M * C), ker[:, None, :, None], groups=M * C)
-    return z.reshape(M, C, H, W)
+    return z.reshape(M, C, H, W)                                             # (M, C, H, W)
 
 
 def make_views(frames, cfg, gen, mean, std):
-    """uint8 (B, C, L, L) on the device -> normalised global (2B, C, G, G) and local (nB, C, l, l) crops, crop-major
-    ([crop 0 of every image, crop 1 of every image, ...]) as the official collate."""
+    """uint8 (B, C, L, L) -> normalised global (2B, C, G, G), local (nB, C, l, l) crops, crop-major as official."""
     (G, Lc, _), x, B = crop_sizes(cfg), frames.float() / 255, frames.shape[0]
     rand = partial(torch.rand, device=x.device, generator=gen)
 
     def crops(n, size, scale):
         return torch.cat([resized_crop(x, crop_boxes(B, scale, gen), size, rand(B) < 0.5) for _ in range(n)])
-
     g1 = gaussian_blur(color_jitter(crops(1, G, cfg.global_scale), gen), cfg.blur_p[0], gen)
     g2 = gaussian_blur(color_jitter(crops(1, G, cfg.global_scale), gen), cfg.blur_p[1], gen)
     g2 = torch.where((rand(B) < cfg.solarize_p)[:, None, None, None] & (g2 >= 128 / 255), 1 - g2, g2)  # solarize
@@ -384,31 +362,23 @@ class DINOHead(nn.Module):
 
 
 class DINO(nn.Module):
-    """Backbone + DINO head + separate iBOT head. The student calls forward; the teacher, a deep copy, calls teach."""
+    """Backbone + DINO head + separate iBOT head; the teacher is a deep copy."""
 
     def __init__(self, cfg):
         super().__init__()
         self.backbone = vit.ViT(vit.vit_config(
             cfg.size, img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, num_reg=cfg.num_reg,
-            pos_embed="rope", rope_base=100.0, rope_rescale=cfg.rope_rescale, layerscale=cfg.layerscale,
-            drop_path=cfg.drop_path, ln_eps=1e-5, mask_token=True, cls_token=True,
-            **({"depth": cfg.depth} if cfg.depth else {})))
-        D = self.backbone.cfg.embed_dim
-        self.dino_head = DINOHead(D, cfg.head_hidden, cfg.head_bottleneck, cfg.n_prototypes)
-        self.ibot_head = DINOHead(D, cfg.head_hidden, cfg.head_bottleneck, cfg.n_prototypes)
+            pos_embed="rope", rope_base=100.0, rope_rescale=cfg.rope_rescale, layerscale=cfg.layerscale, ln_eps=1e-5,
+            drop_path=cfg.drop_path, mask_token=True, cls_token=True, **({"depth": cfg.depth} if cfg.depth else {})))
+        head = (self.backbone.cfg.embed_dim, cfg.head_hidden, cfg.head_bottleneck, cfg.n_prototypes)
+        self.dino_head, self.ibot_head = DINOHead(*head), DINOHead(*head)
 
-    def forward(self, x_g, x_l, mask, mask_idx):
-        """Masked global + local crops -> pre-head global CLS (2B, D), CLS logits (2B+nB, K), masked logits (M, K)."""
+    def forward(self, x_g, mask_idx, mask=None, x_l=None):
+        """Global (masked for the student) [+ local] crops -> global CLS (2B, D), CLS logits, masked-patch logits."""
         g = self.backbone(x_g, mask=mask)                                    # (2B, 1 + R + N, D)
-        l_cls = self.backbone(x_l)[:, 0]                                     # (nB, D)
+        cls = g[:, 0] if x_l is None else torch.cat([g[:, 0], self.backbone(x_l)[:, 0]])   # (2B [+ nB], D)
         patches = g[:, self.backbone.num_prefix:].flatten(0, 1)[mask_idx]    # (M, D)
-        return g[:, 0], self.dino_head(torch.cat([g[:, 0], l_cls])), self.ibot_head(patches)
-
-    @torch.no_grad()
-    def teach(self, x_g, mask_idx):
-        """Unmasked global crops -> CLS logits (2B, K) and the logits of the patches masked for the student (M, K)."""
-        g = self.backbone(x_g)                                               # (2B, 1 + R + N, D)
-        return self.dino_head(g[:, 0]), self.ibot_head(g[:, self.backbone.num_prefix:].flatten(0, 1)[mask_idx])
+        return g[:, 0], self.dino_head(cls), self.ibot_head(patches)
 
 
 def param_groups(model, cfg):
@@ -416,7 +386,7 @@ def param_groups(model, cfg):
     embed at layer 0, block i at i+1, the final norm at depth+1; patch embed x0.2 more; heads x1. No weight decay on
     biases, norms, LayerScale gamma (the tokens ARE decayed, as official). last_layer: frozen the first epoch."""
     depth, groups = len(model.backbone.blocks), {}
-    for name, p in ((n, p) for n, p in model.named_parameters() if p.requires_grad):
+    for name, p in model.named_parameters():
         lr_mult, n = 1.0, name.removeprefix("backbone.")
         if name.startswith("backbone."):
             layer = (0 if n.startswith(("cls_token", "reg_token", "mask_token", "patch_embed", "pos_embed"))
@@ -437,7 +407,7 @@ def build(cfg, device):
     return student, teacher, opt
 
 # -----------------------------------------------------------------------------
-# losses (dinov3 loss/*.py), in fp32
+# losses (dinov3 loss/*.py, in fp32), schedules (per step) and one training step
 
 
 def sinkhorn_knopp(logits, tau, n_iter=3):
@@ -479,17 +449,12 @@ def koleo_loss(x, eps=1e-8):
     """-mean log ||x_i - x_nn(i) + eps|| over L2-normalised rows (loss/koleo_loss.py:14-43, PairwiseDistance adds
     eps); the nearest neighbour by cosine similarity with the diagonal at -1."""
     x = F.normalize(x.float(), dim=-1, eps=eps)
-    with torch.no_grad():
-        nn_idx = kernels.cosine_similarity(x[None], x[None])[0].fill_diagonal_(-1).argmax(dim=1)   # (n,)
+    nn_idx = kernels.cosine_similarity(x.detach()[None], x.detach()[None])[0].fill_diagonal_(-1).argmax(1)   # (n,)
     return -torch.log((x - x[nn_idx] + eps).norm(dim=-1) + eps).mean()
-
-# -----------------------------------------------------------------------------
-# schedules (per step) and one training step
 
 
 def cosine(step, total, base, final, warmup=0, start=0.0):
-    """dinov3 CosineScheduler: linspace(start, base, warmup) (endpoint included), then a half cosine from base to
-    final over the remaining steps; final after `total`. The warmup is clipped to `total`."""
+    """dinov3 CosineScheduler: linspace(start, base, warmup) then a half cosine to final; final after total."""
     warmup = min(warmup, total)
     if step < warmup:
         return start + (base - start) * step / max(warmup - 1, 1)
@@ -515,8 +480,8 @@ def train_step(model, raw, teacher, opt, views, masks, sched, cfg, ctx):
         g["lr"] = (sched["last_lr"] if g["last_layer"] else sched["lr"]) * g["lr_mult"]
         g["weight_decay"] = sched["wd"] * g["wd_mult"]
     with ctx:
-        t_cls, t_patch = teacher.teach(x_g, mask_idx)
-        g_cls, s_cls, s_patch = model(x_g, x_l, mask, mask_idx)
+        _, t_cls, t_patch = teacher(x_g, mask_idx)                           # no graph: its weights need no grad
+        g_cls, s_cls, s_patch = model(x_g, mask_idx, mask, x_l)
     t_cls = sinkhorn_knopp(t_cls, sched["tau_t"]).unflatten(0, (2, B))        # (2, B, K)
     t_patch = sinkhorn_knopp(t_patch, sched["tau_t"])     # (M, K); M is the same on every rank (counts depend on B)
     s_glob, s_loc = s_cls[:2 * B].unflatten(0, (2, B)), s_cls[2 * B:].unflatten(0, (-1, B))   # (2, B, K), (n, B, K)
@@ -524,22 +489,19 @@ def train_step(model, raw, teacher, opt, views, masks, sched, cfg, ctx):
     l_global = dino_loss(s_glob, t_cls, cfg.tau_s, ignore_diagonal=True)
     l_koleo = sum(koleo_loss(c) for c in g_cls.unflatten(0, (2, B))) / 2    # per crop, per-GPU batch
     l_ibot = ibot_loss(s_patch, t_patch, weight, 2 * B, cfg.tau_s)
-    n_glob, n_loc = 2, 2 * cfg.n_local                # (s, t) pairs: global s != t, local x global (ssl_meta_arch:596)
-    loss = ((n_loc * l_local + n_glob * l_global) / (n_loc + n_glob) + cfg.koleo_w * 2 * l_koleo
-            + cfg.ibot_w * l_ibot)
+    n_loc = 2 * cfg.n_local                 # (s, t) pairs: local x global vs 2 global s != t (ssl_meta_arch:596)
+    loss = (n_loc * l_local + 2 * l_global) / (n_loc + 2) + cfg.koleo_w * 2 * l_koleo + cfg.ibot_w * l_ibot
     opt.zero_grad(set_to_none=True)
     loss.backward()
     for m in (raw.backbone, raw.dino_head, raw.ibot_head):                   # clipped apart (train.py:488-498)
         nn.utils.clip_grad_norm_(m.parameters(), cfg.clip)
     opt.step()
     with torch.no_grad():                                                    # teacher = m teacher + (1 - m) student
-        t_params = list(teacher.parameters())
-        torch._foreach_mul_(t_params, sched["momentum"])
-        torch._foreach_add_(t_params, list(raw.parameters()), alpha=1 - sched["momentum"])
+        torch._foreach_lerp_(list(teacher.parameters()), list(raw.parameters()), 1 - sched["momentum"])
     return torch.stack([loss, l_local, l_global, l_koleo, l_ibot]).detach()
 
 # -----------------------------------------------------------------------------
-# checkpoints: the teacher backbone as the encoder, plus everything --resume needs
+# checkpoints (the teacher backbone as the encoder, plus everything --resume needs) and training
 
 
 def save(path, cfg, raw, teacher, opt, step, position, mean, std, gen, device):
@@ -547,8 +509,7 @@ def save(path, cfg, raw, teacher, opt, step, position, mean, std, gen, device):
     np_st, py_st = np.random.get_state(), random.getstate()
     rngs = [{"torch": torch.get_rng_state(), "aug": gen.get_state(),
              "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0),
-             "numpy": [torch.from_numpy(np_st[1].astype(np.int64)), *np_st[2:]],
-             "python": [py_st[0], list(py_st[1]), py_st[2]]}]
+             "numpy": [np_st[1].tolist(), *np_st[2:]], "python": [py_st[0], list(py_st[1]), py_st[2]]}]
     if dist.is_initialized():
         rngs, mine = [None] * dist.get_world_size(), rngs[0]
         dist.all_gather_object(rngs, mine)
@@ -566,31 +527,27 @@ def load(path, raw, teacher, opt, gen, device, rank, world):
     """Restore a dino.py checkpoint into student, teacher, optimizer and RNGs; -> the step to continue from."""
     tensors, meta = vit.load_checkpoint(path)
     if meta.get("method") != "dino" or "optim" not in meta.get("state", {}):
-        raise ValueError(f"{path}: not a dino.py training checkpoint (method {meta.get('method')!r}); --resume "
-                         f"takes the OUT/ckpt.safetensors of a dino.py run")
+        raise SystemExit(f"{path}: not a dino.py training checkpoint; --resume takes a dino.py OUT/ckpt.safetensors")
     sub = lambda pre: {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}   # noqa: E731
     try:
         raw.load_state_dict(sub("student."))
         teacher.load_state_dict({**{f"backbone.{k}": v for k, v in sub("encoder.").items()}, **sub("teacher.")})
         opt.load_state_dict(vit.unpack_state(meta["state"]["optim"], tensors))
     except (RuntimeError, ValueError, KeyError) as e:
-        raise ValueError(f"{path}: does not fit this run's model ({str(e)[:300]}); resume with the --size, --depth, "
+        raise SystemExit(f"{path}: does not fit this run's model ({str(e)[:300]}); resume with the --size, --depth, "
                          f"--in-chans, --num-reg and head sizes it was trained with") from None
     rngs = vit.unpack_state(meta["state"]["rng"], tensors)
     if len(rngs) != world:
         print(f"{path}: written by {len(rngs)} rank(s), resumed on {world}: random streams restart from the seed")
-        return int(meta["step"])
-    s = rngs[rank]
-    torch.set_rng_state(s["torch"])
-    gen.set_state(s["aug"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(s["cuda"], device)
-    np.random.set_state(("MT19937", s["numpy"][0].numpy().astype(np.uint32), *s["numpy"][1:]))
-    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    else:
+        s = rngs[rank]
+        torch.set_rng_state(s["torch"])
+        gen.set_state(s["aug"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(s["cuda"], device)
+        np.random.set_state(("MT19937", np.array(s["numpy"][0], np.uint32), *s["numpy"][1:]))
+        random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
     return int(meta["step"])
-
-# -----------------------------------------------------------------------------
-# training
 
 
 def train(cfg):
@@ -605,32 +562,30 @@ def train(cfg):
     master, B, (G, Lc, L) = rank == 0, cfg.batch_size // world, crop_sizes(cfg)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if cfg.batch_size % world or B < 2:
-        raise ValueError(f"--batch-size {cfg.batch_size} must split into >= 2 images (KoLeo neighbours) per rank")
+        raise SystemExit(f"--batch-size {cfg.batch_size}: pass a multiple of {world} ranks, >= 2 per rank (KoLeo)")
     if cfg.img_size % cfg.patch_size or cfg.img_size < 2 * cfg.patch_size or cfg.n_local < 1:
-        raise ValueError(f"--img-size {cfg.img_size} must be a multiple of --patch-size {cfg.patch_size}, at least 2 "
-                         f"patches, and --n-local >= 1")
+        raise SystemExit(f"--img-size {cfg.img_size}, --n-local {cfg.n_local}: pass a multiple of --patch-size of "
+                         f">= 2 patches, and >= 1 local crop")
     if cfg.lr_scaling not in ("none", "sqrt_wrt_1024") or cfg.in_chans not in (1, 3):
-        raise ValueError(f"--lr-scaling must be none or sqrt_wrt_1024 (got {cfg.lr_scaling!r}), --in-chans 1 or 3 "
-                         f"(got {cfg.in_chans})")
-    if cfg.data and not os.path.isdir(cfg.data):
-        raise FileNotFoundError(f"--data {cfg.data}: no such folder")
-    if not cfg.data:
+        raise SystemExit(f"--lr-scaling {cfg.lr_scaling}, --in-chans {cfg.in_chans}: pass none|sqrt_wrt_1024, 1|3")
+    if cfg.data:
+        items = list_frames(cfg.data)
+    else:
         try:
             from prep.synthetic import ultrasound_frames
         except ImportError:
-            raise SystemExit("no --data and prep/ is not beside dino.py: pass --data DIR with your frames") from None
-    items = list_frames(cfg.data) if cfg.data else \
-        [(a, i) for a in [ultrasound_frames(cfg.synthetic, size=L, seed=cfg.seed)] for i in range(len(a))]
+            raise SystemExit("dino.py: no --data and no prep/ beside it for synthetic data; pass --data DIR") from None
+        a = ultrasound_frames(cfg.synthetic, size=L, seed=cfg.seed)                       # (n, L, L) uint8
+        items = [(a, i) for i in range(len(a))]
     ds = Frames(items, cfg.in_chans, L)
     os.makedirs(cfg.out, exist_ok=True)
     mean, std = get_stats(cfg, ds, master, ddp)
     steps_per_pass = len(ds) // world // B
     if steps_per_pass == 0:
-        raise ValueError(f"{len(ds)} frames are fewer than one batch of {B} per rank; lower --batch-size")
+        raise SystemExit(f"--data {cfg.data}: {len(ds)} frames < one batch of {B} per rank; lower --batch-size")
     E = cfg.epoch_length or steps_per_pass
     total = cfg.epochs * E
     end = min(total, cfg.max_steps) if cfg.max_steps else total
-
     raw, teacher, opt = build(cfg, device)
     model = nn.parallel.DistributedDataParallel(raw, [device] if device.type == "cuda" else None) if ddp else raw
     gen = torch.Generator(device).manual_seed(cfg.seed + rank)    # crops and colours: one stream per rank
@@ -644,7 +599,6 @@ def train(cfg):
         log = open(os.path.join(cfg.out, "log.jsonl"), "a" if cfg.resume else "w")
         print(f"dino: {sum(p.numel() for p in raw.backbone.parameters()) / 1e6:.1f}M-parameter ViT, {len(ds)} frames, "
               f"{world} x {B} images, crops 2x{G} + {cfg.n_local}x{Lc}, steps {start}..{end} of {total} ({E}/epoch)")
-    raw.train()
     losses, seen, failed, first_bad = [], 0, 0, []
     pbar = tqdm(total=end, initial=start, disable=not master, dynamic_ncols=True)
     t0 = time.time()
@@ -653,27 +607,29 @@ def train(cfg):
         sched = schedules(step, cfg, E, total)
         views = make_views(frames.to(device, non_blocking=True), cfg, gen, mean_t, std_t)
         masks = [t.to(device, non_blocking=True) for t in (mask, mask_idx, weight)]
-        stats = train_step(model, raw, teacher, opt, views, masks, sched, cfg, ctx)
+        counts = torch.tensor([len(bad), len(bad) == B], dtype=torch.float32)    # unreadable frames, whole batches
+        stats = torch.cat([train_step(model, raw, teacher, opt, views, masks, sched, cfg, ctx), counts.to(device)])
         if ddp:
-            dist.all_reduce(stats)                                           # a NaN on any rank stops them all
-            stats /= world
-        vals = stats.tolist()                                                # the one host sync per step
+            dist.all_reduce(stats)             # summed over ranks: a NaN on any rank stops them all, and the counts
+        *vals, n_bad, n_lost = stats.tolist()                                # the one host sync per step
+        vals = [v / world for v in vals]                                     # losses: the mean over ranks
         if not math.isfinite(vals[0]):
             raise RuntimeError(f"step {step}: loss is {vals[0]}")
         losses.append(vals)
+        if n_lost:
+            raise SystemExit(f"--data {cfg.data}: a whole batch is unreadable, e.g. {bad[:3]}; fix or remove them")
         if epoch == 0:                                                       # > 1 % unreadable: stop
-            seen, failed, first_bad = seen + B, failed + len(bad), (first_bad + bad)[:5]
+            seen, failed, first_bad = seen + cfg.batch_size, failed + int(n_bad), (first_bad + bad)[:5]
             if seen >= 100 and failed > 0.01 * seen:
-                raise RuntimeError(f"{failed} of {seen} frames unreadable, e.g. {first_bad}; fix or remove them")
+                raise SystemExit(f"--data {cfg.data}: {failed} of the first {seen} frames unreadable, e.g. "
+                                 f"{first_bad}; fix or remove them")
         dt, t0 = time.time() - t0, time.time()
         if master:
             for b in bad:
                 tqdm.write(f"skipped unreadable frame {b}")
-            rec = dict(step=step, epoch=epoch, **dict(zip(("loss", "dino_local", "dino_global", "koleo", "ibot"),
-                                                          vals)))
-            rec.update({k: sched[k] for k in ("lr", "wd", "momentum", "tau_t")}, img_per_s=cfg.batch_size / dt)
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
+            rec = {"step": step, "epoch": epoch, **{k: sched[k] for k in ("lr", "wd", "momentum", "tau_t")}}
+            rec.update(zip(("loss", "dino_local", "dino_global", "koleo", "ibot"), vals), img_per_s=cfg.batch_size / dt)
+            print(json.dumps(rec), file=log, flush=True)
             pbar.set_postfix(loss=f"{vals[0]:.4f}", lr=f"{sched['lr']:.2e}", img_s=f"{rec['img_per_s']:.0f}")
             pbar.update(1)
         if (step + 1) % cfg.save_every == 0 or step + 1 == end:
@@ -691,12 +647,10 @@ def train(cfg):
 
 
 def benchmark(cfg, steps=20, warmup=5, augment=True):
-    """Time the training step on a synthetic uint8 batch already on the device. augment=True makes the views every
-    step as training does; False reuses views made once, to show what the augmentation costs. flops_per_img counts
-    matmul FLOPs (2 per MAC, backward = 2 x forward, the teacher forward only)."""
+    """Time the training step on a synthetic uint8 batch on the device, making the views every step (augment) or
+    once (to show what the augmentation costs); flops_per_img: matmuls, backward = 2 x forward, teacher forward."""
     device, B, (G, Lc, L) = torch.device(cfg.device), cfg.batch_size, crop_sizes(cfg)
     raw, teacher, opt = build(cfg, device)
-    raw.train()
     gen = torch.Generator(device).manual_seed(cfg.seed)
     frames = torch.randint(0, 256, (B, cfg.in_chans, L, L), dtype=torch.uint8, device=device, generator=gen)
     masks = [t.to(device) for t in collate([(f, "", (0, 0)) for f in frames.cpu()], cfg, 0)[1:4]]

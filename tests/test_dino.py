@@ -1,5 +1,5 @@
 """dino.py: Sinkhorn-Knopp, the DINO / iBOT / KoLeo losses against direct formulas, iBOT masks, crops, schedules,
-RoPE on the prefix, data errors, exact resume, the NaN guard and a 2-process gloo run."""
+RoPE on the prefix, decoding and data errors, exact resume, the NaN guard and a 2-process gloo run."""
 import json
 import math
 import os
@@ -273,28 +273,35 @@ def test_train_step_weights_and_ema(tmp_path):
 def test_data_listing_formats_and_errors(tmp_path):
     d = tmp_path / "d"
     make_frames(d / "sub", n=2, chans=1)
-    pages = [Image.fromarray((np.arange(400).reshape(20, 20) * 100).astype(np.uint16)) for _ in range(2)]
+    ramp = (np.arange(400).reshape(20, 20) * 100).astype(np.uint16)          # 0 .. 39900 of 65535
+    pages = [Image.fromarray(ramp), Image.fromarray(np.full((20, 20), 257 * 200, np.uint16))]
     pages[0].save(d / "multi.tif", save_all=True, append_images=pages[1:])
     np.save(d / "stack.npy", np.zeros((3, 10, 12, 3), np.uint8))
     (d / "broken.png").write_bytes(b"not a png")
+    Image.fromarray(np.full((10, 20), 255, np.uint8)).save(d / "wide.png")   # H 10, W 20
     items = dino.list_frames(str(d))
-    assert len(items) == 1 + 2 + 3 + 2                                     # broken, tif pages, npy rows, pngs
+    assert len(items) == 1 + 2 + 3 + 2 + 1                                 # broken, tif pages, npy rows, pngs, wide
     ds = dino.Frames(items, 3, 24)
     frames = [ds[(i, 0, 0)] for i in range(len(items))]
-    assert [bool(f[1]) for f in frames] == [True] + [False] * 7 and "broken.png" in frames[0][1]
+    assert [bool(f[1]) for f in frames] == [True] + [False] * 8 and "broken.png" in frames[0][1]
     assert all(f[0].shape == (3, 24, 24) and f[0].dtype == torch.uint8 for f in frames)
-    tif = frames[1][0]
-    assert tif.max() == 255 and tif.min() == 0                             # 16-bit: min-max to 8 bits
+    ref = Image.fromarray((ramp / 257 + 0.5).astype(np.uint8)).resize((24, 24), Image.BICUBIC)
+    assert torch.equal(frames[1][0], torch.tensor(np.asarray(ref)).expand(3, 24, 24))   # 16-bit: /257
+    assert (frames[1][0].max() < 160) and (frames[2][0] == 200).all()     # the full range, no per-frame stretch
+    wide = frames[-1][0][0]                                                # padded to 20 x 20 with black rows
+    assert (wide[:5] == 0).all() and (wide[-5:] == 0).all() and (wide[8:16] == 255).all()
     np.save(d / "bad.npy", np.zeros((3, 4, 4), np.float32))
-    with pytest.raises(ValueError, match="bad.npy.*uint8"):
+    with pytest.raises(SystemExit, match="bad.npy.*uint8"):
         dino.list_frames(str(d))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
-    with pytest.raises(ValueError, match="empty: no png"):
+    with pytest.raises(SystemExit, match="empty: no png"):
         dino.list_frames(str(tmp_path / "empty"))
+    with pytest.raises(SystemExit, match="missing: no png"):
+        dino.list_frames(str(tmp_path / "missing"))
     cfg = dino.parse_args(["--data", str(d / "sub"), "--in-chans", "3", "--out", str(tmp_path / "o")])
     (d / "sub" / "stats.json").write_text(json.dumps({"mean": [0.5], "std": [0.2]}))
-    with pytest.raises(ValueError, match="stats.json: 1 channel.*--in-chans 1"):
+    with pytest.raises(SystemExit, match="stats.json: 1 channel.*--in-chans 1"):
         dino.get_stats(cfg, None, True, False)
     (d / "sub" / "stats.json").unlink()                                     # computed, written, then read back
     ds = dino.Frames(dino.list_frames(str(d / "sub")), 3, 24)
@@ -325,7 +332,7 @@ def test_resume_is_exact_and_checkpoint_loads(tmp_path):
     assert meta["state"]["data_position"] == [1, 2]                         # (epoch, batch) of step 5
     for (k, p), q in zip(a["teacher"].backbone.state_dict().items(), enc.state_dict().values()):
         assert torch.equal(p, q), k
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(SystemExit, match="does not fit"):
         dino.train(tiny(tmp_path / "d", "--data", data, "--in-chans", "1", "--n-prototypes", "64",
                         "--resume", str(tmp_path / "a" / "ckpt.safetensors")))
 
@@ -339,7 +346,15 @@ def test_nan_stops_before_saving(tmp_path):
     assert meta["step"] == 1                                               # the last good checkpoint is intact
 
 
-def _worker(rank, port, data, out, result):
+def test_unreadable_batch_stops(tmp_path):
+    data = make_frames(tmp_path / "data", n=8)
+    for i in np.random.default_rng([0, 0]).permutation(8)[:4]:           # the whole first batch of epoch 0
+        (tmp_path / "data" / f"f{i:02d}.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match="data: a whole batch is unreadable, e.g. .*f0"):
+        dino.train(tiny(tmp_path / "o", "--data", data))
+
+
+def _worker(rank, port, data, bad_data, out, result):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
     torch.set_num_threads(1)
     os.environ["MASTER_PORT"] = str(port)
@@ -349,8 +364,14 @@ def _worker(rank, port, data, out, result):
     torch.distributed.destroy_process_group()
     os.environ["MASTER_PORT"] = str(port + 1)
     r = dino.train(tiny(out, "--data", data, "--batch-size", "8", "--max-steps", "2"))
+    os.environ["MASTER_PORT"] = str(port + 2)
+    try:                                                                   # 2 of 100 unreadable, both on rank 0
+        dino.train(tiny(out + "_bad", "--data", bad_data, "--batch-size", "100", "--max-steps", "1"))
+        stopped = "no stop"
+    except SystemExit as e:                # the process group is left to process exit, as in a real run: tearing
+        stopped = str(e)                   # it down here can deadlock gloo's worker threads on the GIL
     torch.save({"sk": sk, "losses": r["losses"], "student": r["student"].state_dict(),
-                "teacher": r["teacher"].state_dict()}, result.format(rank))
+                "teacher": r["teacher"].state_dict(), "stopped": stopped}, result.format(rank))
 
 
 def free_port():
@@ -361,12 +382,19 @@ def free_port():
 
 def test_two_process_gloo_identical_weights(tmp_path):
     data = make_frames(tmp_path / "data", n=16)
+    bad_data = make_frames(tmp_path / "bad", n=100, size=16)
+    perm = np.random.default_rng([0, 0]).permutation(100)                 # epoch 0: rank r takes perm[r::2]
+    for i in perm[[0, 2]]:                                                # sorted f00..f99: both go to rank 0
+        (tmp_path / "bad" / f"f{i:02d}.png").write_bytes(b"not a png")
     result = str(tmp_path / "rank{}.pt")
-    mp.start_processes(_worker, args=(free_port(), data, str(tmp_path / "o"), result), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), data, bad_data, str(tmp_path / "o"), result), nprocs=2,
+                       start_method="spawn")
     r0, r1 = torch.load(result.format(0)), torch.load(result.format(1))
     logits = torch.randn(12, 10, generator=torch.Generator().manual_seed(5)) * 2
     torch.testing.assert_close(torch.cat([r0["sk"], r1["sk"]]), dino.sinkhorn_knopp(logits, 0.05))
     assert r0["losses"] == r1["losses"] and len(r0["losses"]) == 2
+    for r in (r0, r1):                                                     # counts summed over ranks: both stop
+        assert "2 of the first 100 frames unreadable" in r["stopped"], r["stopped"]
     for part in ("student", "teacher"):
         for k, v in r0[part].items():
             assert torch.equal(v, r1[part][k]), f"{part}.{k} differs between ranks"
