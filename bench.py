@@ -149,13 +149,14 @@ def train_main(a):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     mod = importlib.import_module(a.method)
     cfg = mod.Config()
-    for k, v in (("batch_size", a.batch_size), ("size", a.size), ("img_size", a.img_size)):
+    for k, v in (("batch_size", a.batch_size), ("size", a.size), ("img_size", a.img_size), ("in_chans", a.in_chans)):
         if v is not None:
             setattr(cfg, k, v)
-    res = mod.benchmark(cfg, steps=a.steps, warmup=a.warmup)
+    kw = {"augment": not a.no_augment} if a.method == "dino" else {}
+    res = mod.benchmark(cfg, steps=a.steps, warmup=a.warmup, **kw)
     tflops = res["img_per_s"] * res["flops_per_img"] / 1e12
     print(f"## {a.method} training step on {gpu_name()}, torch {torch.__version__}")
-    print(f"batch {cfg.batch_size}, {getattr(cfg, 'size', '?')}, {getattr(cfg, 'img_size', '?')} px: "
+    print(f"batch {cfg.batch_size}, {cfg.size}, {cfg.img_size} px, {cfg.in_chans} channels: "
           f"{res['img_per_s']:.0f} img/s, {res['flops_per_img'] / 1e9:.1f} GFLOP/img (fwd+bwd), "
           f"{tflops:.1f} TFLOP/s, MFU {100 * tflops / peak_tflops():.1f}% of dense bf16 peak")
     for k, v in res.items():
@@ -174,7 +175,9 @@ if __name__ == "__main__":
     t.add_argument("--batch-size", type=int)
     t.add_argument("--size", choices=["vit_tiny", "vit_small", "vit_base"])
     t.add_argument("--img-size", type=int)
+    t.add_argument("--in-chans", type=int, default=3, help="3 as the official numbers (ImageNet RGB)")
     t.add_argument("--steps", type=int, default=30)
+    t.add_argument("--no-augment", action="store_true", help="dino: time the step without the GPU augmentations")
     t.add_argument("--warmup", type=int, default=10)
     a = p.parse_args()
     kernels_main(a) if a.cmd == "kernels" else train_main(a)
