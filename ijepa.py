@@ -12,46 +12,35 @@ blocks, predicts the target encoder's tokens there (one sequence per block). Not
     python ijepa.py --data us_frames/ --resume runs/ijepa/ckpt.safetensors   # continue, same arguments
     python ijepa.py --size vit_tiny --img-size 64 --epochs 2                 # no --data: synthetic ultrasound
 
-Defaults: the paper's ViT-S/16 recipe (Pretext Matters, Table 4: batch 128, predictor depth 8 x width 128 x 8 heads,
-LR 2e-4 -> 1e-3 over 40 warmup epochs) on the official code (facebookresearch/ijepa@52c1ae9): multiblock masks (a
-context block of scale 0.85-1, 4 targets of scale 0.15-0.2, aspect 0.75-1.5, min_keep 10), targets = F.layer_norm
-of the EMA teacher's final-normed tokens, smooth-L1 (the paper says L2; train.py:295-313 uses smooth-L1), EMA
-0.996 -> 1 linear, cosine LR to 1e-6, cosine WD 0.04 -> 0.4 (none on biases and norms), AdamW, bf16 autocast,
-RandomResizedCrop(scale 0.3-1), no flips. The checkpoint's `encoder` (what probe.py / abmil.py / viz.py read; pool
-"mean", there is no CLS token) is the target encoder.
+Defaults: the paper's ViT-S/16 recipe (Pretext Matters, Table 4) on the official code (facebookresearch/ijepa@52c1ae9):
+targets = F.layer_norm of the EMA teacher's final-normed tokens, smooth-L1 (the paper says L2; train.py:295-313 uses
+smooth-L1), EMA 0.996 -> 1, LR 2e-4 -> 1e-3 -> cosine 1e-6, cosine WD 0.04 -> 0.4 (none on biases and norms), AdamW,
+bf16 autocast, no flips. The checkpoint's `encoder` (pool "mean": there is no CLS token) is the target encoder.
 
 What differs from the official code, and why:
-- Masks keep the official quirks by default (one random number sets both scale and aspect ratio; positions use an
-  exclusive bound, so at 224/16 the context is always the top-left 13x13 and the last row and column are never
-  context or target; ijepa PRs #40/#59) so runs match the paper's setup. --fix-masks draws scale and aspect
-  independently and lets blocks reach the last row/column. Sizes come from a generator seeded by (seed, step), as
-  the official shared counter; positions and crops from (seed, rank, step): batches do not depend on the number
-  of workers, and a resumed run sees the same ones.
-- Warmup = min(--warmup-epochs, --warmup-frac x --epochs): the paper's 40 epochs assume a 300-epoch run (the
-  official ratio), so a short run warms up for the same 13% instead of never leaving warmup. All schedules are
-  functions of the step.
-- Frames are padded to a square with black (an ultrasound fan keeps its whole field of view, unstretched) and
-  resized to --load-size in the workers; the crop is taken for the whole batch on the device (grid_sample,
-  bilinear, no antialiasing: little matters at the <= 1.14x downscale of 256 -> 224).
-- No GradScaler (bf16 needs none). The loss is all-reduced for logging only, once per --log-every steps (one host
-  sync, then the per-step JSONL lines); the NaN guard runs there and before every checkpoint, so a checkpoint
-  never holds weights that saw a non-finite loss. The target encoder runs in eval mode (same values here).
+- Masks keep the official quirks by default (one random number sets both scale and aspect ratio; an exclusive bound
+  on positions, so at 224/16 the context is always the top-left 13x13 and the last row and column are never used;
+  ijepa PRs #40/#59) so runs match the paper's setup; --fix-masks corrects both. Sizes come from (seed, step), as the
+  official shared counter, positions and crops from (seed, rank, step): independent of --num-workers and resuming.
+- Warmup = min(--warmup-epochs, --warmup-frac x --epochs): the paper's 40 epochs assume 300, so a short run warms up
+  for the same 13% instead of never leaving warmup. All schedules are functions of the step.
+- Crops are cut for the whole batch on the device (grid_sample, bilinear, no antialiasing: little matters at the
+  <= 1.14x downscale of 256 -> 224). The target encoder runs in eval mode (no dropout: the same values).
+- No GradScaler (bf16 needs none). One host sync per --log-every steps and before each checkpoint (loss all-reduce,
+  NaN guard, JSONL lines), so a checkpoint never holds weights that saw a non-finite loss.
 
 SALT / US-JEPA (--teacher PATH): the target encoder is any pretext checkpoint (e.g. a short MAE run), frozen (eval,
-no gradient, no EMA). Loss = L1 to the teacher's final-normed patch tokens, without the extra layer norm (SALT;
-stable-pretraining salt.py); the predictor projects to the teacher's width, so sizes may differ. Its prefix tokens
-(CLS, registers) are dropped; it runs at this --img-size (sincos/RoPE positions are exact on any grid, learned ones
-interpolated) on the images re-normalised with its own mean/std (gray repeated for an RGB teacher). Its patch size
-must equal --patch-size, or its tokens would not line up with the targets. The saved `encoder` is the student.
+no gradient, no EMA); loss = L1 to its final-normed patch tokens, no extra layer norm (SALT; stable-pretraining
+salt.py). The predictor projects to its width, so sizes may differ; its patch size must equal --patch-size. It sees
+this --img-size (sincos/RoPE exact on any grid, learned positions interpolated), normalised with its own mean/std
+(gray repeated for RGB), prefix tokens dropped. The saved `encoder` is then the student.
 
-SIGReg (--sigreg LAMBDA; lejepa epps_pulley.py, slicing.py): N*W * mean over 1024 unit directions a of
-sum_j w_j |ECF_{a.z}(t_j) - exp(-t_j^2/2)|^2, 17 points t_j in [0, 3], w_j = trapezoid weights on [-3, 3] folded by
-symmetry times exp(-t_j^2/2); directions redrawn each step from (seed, step), the same on all ranks; ECF means
-all-reduced (with gradient), so it is the statistic of the global batch. It regularises z = the mean of the
-student's context tokens, one vector per image: LeJEPA's argument is about per-sample embeddings (one per view)
-and the context is I-JEPA's only student view; the mean-pooled patch embedding is what the probes read; the EMA
-teacher follows the student. Per-token SIGReg would treat ~150 correlated tokens of an image as independent
-samples and push them apart. Loss = (1 - lambda) * prediction + lambda * SIGReg (LeJEPA Algorithm 1).
+SIGReg (--sigreg LAMBDA; lejepa epps_pulley.py, slicing.py): the Epps-Pulley statistic of 1024 random 1-D projections,
+redrawn each step from (seed, step) alike on all ranks, ECF means all-reduced with gradient (the global batch's). It
+regularises z = the mean of the student's context tokens, one vector per image: LeJEPA's argument is about per-sample
+embeddings (one per view), the context is I-JEPA's only student view, the mean-pooled patch embedding is what the
+probes read, and the EMA teacher follows the student; per-token SIGReg would treat ~150 correlated tokens of an image
+as independent samples and push them apart. Loss = (1 - lambda) * prediction + lambda * SIGReg (LeJEPA Algorithm 1).
 """
 import argparse
 import copy
@@ -153,46 +142,40 @@ class Frames:
     synthetic ultrasound frames without DIR. load(i) -> uint8 (C, L, L), or None when the file cannot be read."""
 
     def __init__(self, cfg, L):
-        self.root, self.C, self.L, self.array, self._npy = cfg.data, cfg.in_chans, L, None, {}
+        self.root, self.C, self.L, self.stacks = cfg.data, cfg.in_chans, L, {}    # .npy stacks, mapped on first use
         if not cfg.data:
             try:
                 from prep.synthetic import ultrasound_frames
             except ImportError:
-                raise SystemExit("ijepa.py: no --data given and prep/synthetic.py is not beside this script; "
-                                 "pass --data DIR with your frames") from None
-            self.array = ultrasound_frames(cfg.synthetic_frames, size=L, seed=cfg.seed)   # (n, L, L)
-            n = len(self.array)
-            self.paths, self.index = np.array([b"synthetic"]), np.stack([np.zeros(n, np.int64), np.arange(n)], 1)
-            return
-        if not os.path.isdir(cfg.data):
-            raise FileNotFoundError(f"--data {cfg.data}: no such directory")
-        rel = []
-        for root, dirs, names in os.walk(cfg.data, followlinks=True):
-            dirs.sort()
-            rel += [os.path.relpath(os.path.join(root, n), cfg.data) for n in sorted(names)
-                    if n.lower().endswith(EXTS)]
-        if not rel:
-            raise FileNotFoundError(f"--data {cfg.data}: no {'/'.join(EXTS)} files under it")
-        pages = np.array([self.count(os.path.join(cfg.data, r)) for r in rel])
+                raise SystemExit("ijepa.py: no --data, and prep/ is not beside it; pass --data DIR of frames") from None
+            self.stacks[0] = ultrasound_frames(cfg.synthetic_frames, size=L, seed=cfg.seed)   # (n, L, L)
+            rel, pages = ["synthetic"], np.array([len(self.stacks[0])])
+        else:
+            rel = sorted(os.path.relpath(os.path.join(r, n), cfg.data) for r, _, names in
+                         os.walk(cfg.data, followlinks=True) for n in names if n.lower().endswith(EXTS))
+            if not rel:
+                why = f"no {'/'.join(EXTS)} files under it" if os.path.isdir(cfg.data) else "no such directory"
+                raise SystemExit(f"{cfg.data}: {why}; pass --data the folder that holds your frames")
+            pages = np.array([self.count(os.path.join(cfg.data, r)) for r in rel])
         self.paths = np.array([r.encode() for r in rel])    # bytes array: no per-path Python objects in workers
-        self.index = np.stack([np.repeat(np.arange(len(rel)), pages),
-                               np.arange(pages.sum()) - np.repeat(np.cumsum(pages) - pages, pages)], 1)  # (N, 2)
+        self.index = np.stack([np.repeat(np.arange(len(rel)), pages),                         # (N, 2): file, page
+                               np.arange(pages.sum()) - np.repeat(np.cumsum(pages) - pages, pages)], 1)
 
     @staticmethod
     def count(path):
-        if not path.lower().endswith((".tif", ".tiff", ".npy")):
-            return 1                                     # png/jpg/bmp: one frame, not opened until loaded
+        """Frames in one file: tif pages, .npy rows (checked); 1 for png/jpg/bmp (not opened) and unreadable files."""
         try:
             if path.endswith(".npy"):
                 a = np.load(path, mmap_mode="r")
-            else:
+            elif path.lower().endswith((".tif", ".tiff")):
                 with Image.open(path) as im:
                     return getattr(im, "n_frames", 1)
+            else:
+                return 1
         except Exception:
-            return 1                                     # unreadable: one frame that will fail (and be reported)
+            return 1                                     # unreadable: one frame that fails (and is reported) later
         if a.dtype != np.uint8 or a.ndim not in (3, 4) or (a.ndim == 4 and a.shape[3] not in (1, 3, 4)):
-            raise ValueError(f"{path}: a .npy frame stack must be uint8 (N, H, W) or (N, H, W, C), got {a.dtype} "
-                             f"{a.shape}; write it with prep/ or convert it")
+            raise SystemExit(f"{path}: a {a.dtype} {a.shape} stack; save frames as uint8 (N, H, W) or (N, H, W, C)")
         return len(a)
 
     def __len__(self):
@@ -204,33 +187,24 @@ class Frames:
 
     def load(self, i):
         f, page = (int(v) for v in self.index[i])
+        path = os.path.join(self.root, self.paths[f].decode())
         try:
-            if self.array is not None:
-                a = self.array[page]
-            elif self.paths[f].endswith(b".npy"):
-                if f not in self._npy:                   # memory-mapped once per worker
-                    self._npy[f] = np.load(os.path.join(self.root, self.paths[f].decode()), mmap_mode="r")
-                a = np.asarray(self._npy[f][page])
+            if f in self.stacks or path.endswith(".npy"):
+                if f not in self.stacks:                                     # memory-mapped once per worker
+                    self.stacks[f] = np.load(path, mmap_mode="r")
+                im = Image.fromarray(np.ascontiguousarray(self.stacks[f][page]).squeeze())
             else:
-                with Image.open(os.path.join(self.root, self.paths[f].decode())) as im:
-                    im.seek(page)
-                    if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
-                        im = im.convert("RGB")
-                    a = np.asarray(im)
-            if a.ndim == 3:
-                a = a[..., 0] if a.shape[2] < 3 else a[..., :3]    # gray+alpha / 1 channel -> gray; RGBA -> RGB
-            if a.dtype != np.uint8:              # 16-bit by /257 (prep does any percentile mapping); floats in [0, 1]
-                a = (np.clip(a * 255.0 if a.dtype.kind in "fb" else a / 257.0, 0, 255) + 0.5).astype(np.uint8)
-            if self.C == 1 and a.ndim == 3:                # ITU-R 601 luma, as PIL's convert("L")
-                a = ((a.astype(np.uint32) @ np.array([299, 587, 114], np.uint32) + 500) // 1000).astype(np.uint8)
-            elif self.C == 3 and a.ndim == 2:
-                a = np.repeat(a[..., None], 3, axis=2)
-            H, W = a.shape[:2]
-            S = max(H, W)
-            sq = np.zeros((S, S) + a.shape[2:], np.uint8)   # pad to a square with black, centred
-            sq[(S - H) // 2:(S - H) // 2 + H, (S - W) // 2:(S - W) // 2 + W] = a
-            a = np.asarray(Image.fromarray(sq).resize((self.L, self.L), Image.BILINEAR))
-            return torch.from_numpy(a.reshape(self.L, self.L, -1).transpose(2, 0, 1).copy())   # (C, L, L)
+                with Image.open(path) as fp:
+                    fp.seek(page)
+                    im = fp.copy()
+            if im.mode.startswith("I") or im.mode == "F":    # 16-bit by /257: full range, no per-frame stretch
+                a = np.asarray(im, dtype=np.float32) * (255 if im.mode == "F" else 1 / 257)   # float: [0, 1]
+                im = Image.fromarray((a.clip(0, 255) + 0.5).astype(np.uint8))
+            im = im.convert("L" if self.C == 1 else "RGB")          # RGB -> gray by PIL's "L"; gray repeated
+            sq = Image.new(im.mode, (max(im.size),) * 2)            # pad to a square with black, centred: an
+            sq.paste(im, ((sq.width - im.width) // 2, (sq.height - im.height) // 2))  # ultrasound fan keeps its shape
+            a = np.asarray(sq.resize((self.L, self.L), Image.BILINEAR)).reshape(self.L, self.L, -1)   # (L, L, C)
+            return torch.from_numpy(a.transpose(2, 0, 1).copy())                                     # (C, L, L)
         except Exception:
             return None
 
@@ -239,26 +213,24 @@ def data_stats(frames, cfg, master):
     """Per-channel mean/std in [0, 1] units: DIR/stats.json (written by prep), else computed on the master rank from
     up to 2000 frames, written to DIR/stats.json (or --out/stats.json when DIR is read-only) and broadcast."""
     paths = [os.path.join(d, "stats.json") for d in (cfg.data, cfg.out)] if cfg.data else []
-    C, stats = cfg.in_chans, None
-    for p in filter(os.path.isfile, paths):
-        with open(p) as f:
-            s = json.load(f)
-        if not (isinstance(s, dict) and len(s.get("mean", [])) in (1, C) and len(s.get("std", [])) == len(s["mean"])
-                and min(s["std"]) > 0):
-            raise ValueError(f"{p}: expected {{\"mean\": [...], \"std\": [...]}} with {C} values each for --in-chans "
-                             f"{C} (or 1, used for every channel), std > 0; got {s}. Fix it, or delete it to recompute")
+    C, stats, p = cfg.in_chans, None, next(filter(os.path.isfile, paths), None)   # DIR's stats.json, else --out's
+    if p:
+        try:
+            s = json.load(open(p))
+            ok = len(s["mean"]) in (1, C) and len(s["std"]) == len(s["mean"]) and min(s["std"]) > 0
+        except (ValueError, KeyError, TypeError):                    # not JSON, not a dict, no mean / std
+            ok = False
+        if not ok:
+            raise SystemExit(f"{p}: needs {{\"mean\": [...], \"std\": [...]}} with {C} values each for --in-chans {C} "
+                             f"(or 1, used for every channel), std > 0; fix it, or delete it to recompute")
         stats = [s["mean"] * (C // len(s["mean"])), s["std"] * (C // len(s["std"]))]   # 1 value: a gray dataset
-        break
     if stats is None and master:
         ids = np.unique(np.linspace(0, len(frames) - 1, min(len(frames), 2000)).astype(np.int64))
-        acc, n = torch.zeros(2, C, dtype=torch.float64), 0
-        for x in map(frames.load, tqdm(ids, desc="mean/std")):
-            if x is not None:
-                x = x.reshape(C, -1).double() / 255
-                acc, n = acc + torch.stack([x.mean(1), x.square().mean(1)]), n + 1
-        if n == 0:
-            raise RuntimeError(f"--data {cfg.data}: none of {len(ids)} sampled frames could be decoded")
-        m1, m2 = acc / n
+        xs = (x.reshape(C, -1).double() / 255 for x in map(frames.load, tqdm(ids, desc="mean/std")) if x is not None)
+        moments = [torch.stack([x.mean(1), x.square().mean(1)]) for x in xs]   # (2, C) per decodable frame
+        if not moments:
+            raise SystemExit(f"{cfg.data}: none of {len(ids)} sampled frames could be decoded; check the files")
+        m1, m2 = torch.stack(moments).mean(0)
         stats = [m1.tolist(), (m2 - m1.square()).clamp_min(1e-12).sqrt().tolist()]
         for p in paths:                                              # DIR first, --out if DIR is read-only
             try:
@@ -269,11 +241,10 @@ def data_stats(frames, cfg, master):
                 break
             except OSError:
                 pass
+    box = [stats]
     if dist.is_initialized():
-        box = [stats]
-        dist.broadcast_object_list(box, src=0)
-        stats = box[0]
-    return stats
+        dist.broadcast_object_list(box, src=0)                       # rank 0's stats to every rank
+    return box[0]
 
 
 def rrc_theta(rng, n, L, scale, ratio=(3 / 4, 4 / 3)):
@@ -282,15 +253,11 @@ def rrc_theta(rng, n, L, scale, ratio=(3 / 4, 4 / 3)):
     ar = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), (n, 10)))
     w, h = np.round(np.sqrt(area * ar)), np.round(np.sqrt(area / ar))                  # (n, 10)
     ok = (w > 0) & (w <= L) & (h > 0) & (h <= L)
-    first = ok.argmax(1)
-    w = np.where(ok.any(1), w[np.arange(n), first], L)
-    h = np.where(ok.any(1), h[np.arange(n), first], L)
+    w, h = (np.where(ok.any(1), v[np.arange(n), ok.argmax(1)], L) for v in (w, h))     # the first try that fits
     top, left = np.floor(rng.random(n) * (L - h + 1)), np.floor(rng.random(n) * (L - w + 1))
-    # output pixel centre u in [-1, 1] -> input (align_corners=False): x = w/L * u + (2 left + w)/L - 1
-    theta = np.zeros((n, 2, 3), np.float32)
-    theta[:, 0, 0], theta[:, 0, 2] = w / L, (2 * left + w) / L - 1
-    theta[:, 1, 1], theta[:, 1, 2] = h / L, (2 * top + h) / L - 1
-    return theta
+    # output pixel centre u in [-1, 1] -> input (align_corners=False): x = w/L * u + (2 left + w - L)/L
+    theta = np.stack([w, 0 * w, 2 * left + w - L, 0 * h, h, 2 * top + h - L], 1) / L                # (n, 6)
+    return theta.reshape(n, 2, 3).astype(np.float32)                                              # (n, 2, 3)
 
 
 def crop_normalize(imgs, theta, size, mean, std):
@@ -304,8 +271,7 @@ def block_size(g, scale, aspect, H, W, fix):
     """official multiblock.py:55-72: one draw r sets both scale and aspect ratio (unless fix), h/w < H/W."""
     r = torch.rand(1, generator=g).item()
     s = scale[0] + r * (scale[1] - scale[0])
-    if fix:
-        r = torch.rand(1, generator=g).item()
+    r = torch.rand(1, generator=g).item() if fix else r             # official: the same r for the aspect ratio
     ar = aspect[0] + r * (aspect[1] - aspect[0])
     keep = int(H * W * s)
     h, w = int(round(math.sqrt(keep * ar))), int(round(math.sqrt(keep / ar)))
@@ -313,20 +279,16 @@ def block_size(g, scale, aspect, H, W, fix):
 
 
 def multiblock(B, H, W, step, rank, cfg):
-    """The official multiblock collator (multiblock.py:112-170) for one batch of B images on an H x W grid.
-
-    -> masks_enc (B, Nctx) and masks_pred (M, B, Ntgt), int64 row-major patch indices. One target size and one
-    context size per batch; M target blocks per image (they may overlap); one context block inside the
-    complement of the targets (after 20 failed tries one more target constraint is dropped, as official); the
-    context lists are truncated to the batch minimum (dropping their last patches).
-    """
+    """The official multiblock collator (multiblock.py:112-170) -> masks_enc (B, Nctx), masks_pred (M, B, Ntgt),
+    row-major patch indices: one target and one context size per batch, M (overlapping) targets per image, one context
+    block outside them (one constraint fewer after every 20 failed tries), contexts cut to the batch's shortest."""
     g = torch.Generator().manual_seed(cfg.seed * 2 ** 32 + step)      # seed 0: the official counter value
     fix, M = int(cfg.fix_masks), cfg.npred
     ph, pw = block_size(g, cfg.pred_scale, cfg.aspect, H, W, fix)
     eh, ew = block_size(g, cfg.enc_scale, (1.0, 1.0), H, W, fix)
     if min(ph * pw, eh * ew) <= cfg.min_keep:
-        raise ValueError(f"a {H}x{W} patch grid gives {ph}x{pw} target / {eh}x{ew} context blocks, not more than "
-                         f"--min-keep {cfg.min_keep} patches: use a larger --img-size or a smaller --min-keep")
+        raise SystemExit(f"--img-size {H * cfg.patch_size}: {ph}x{pw} target / {eh}x{ew} context blocks on its {H}x{W} "
+                         f"patch grid, not more than --min-keep {cfg.min_keep}; raise --img-size or lower --min-keep")
     rng = np.random.default_rng([cfg.seed, rank, step, 1])
     ys, xs = np.arange(H)[:, None], np.arange(W)
 
@@ -336,11 +298,8 @@ def multiblock(B, H, W, step, rank, cfg):
 
     top, left = rng.integers(0, H - ph + fix, (B, M)), rng.integers(0, W - pw + fix, (B, M))
     tgt = box(top, left, ph, pw)                                       # (B, M, H, W)
-    masks_pred = ((top[..., None, None] + np.arange(ph)[:, None]) * W
-                  + left[..., None, None] + np.arange(pw)).reshape(B, M, ph * pw)
-    allowed = np.ones((B, M + 1, H, W), bool)                          # allowed[:, k]: outside the first k targets
-    for k in range(M):
-        allowed[:, k + 1] = allowed[:, k] & ~tgt[:, k]
+    masks_pred = np.nonzero(tgt.reshape(B * M, H * W))[1].reshape(B, M, ph * pw)   # row-major within each block
+    allowed = ~np.stack([tgt[:, :k].any(1) for k in range(M + 1)], 1)   # (B, M + 1, H, W): outside the first k
     ctx, n_con, fails, todo = np.zeros((B, H, W), bool), np.full(B, M), np.zeros(B, np.int64), np.arange(B)
     while todo.size:
         c = box(rng.integers(0, H - eh + fix, todo.size), rng.integers(0, W - ew + fix, todo.size), eh, ew)
@@ -357,26 +316,18 @@ def multiblock(B, H, W, step, rank, cfg):
 
 
 class Batches(torch.utils.data.Dataset):
-    """Item bi = batch bi of this rank's shard of one epoch, decoded, with its crop thetas and masks (in workers).
-    Sharding: a permutation seeded by (seed, epoch), rank r takes perm[r::world]; the rest is seeded by
-    (seed, rank, step), so a batch does not depend on --num-workers or on where the run was resumed."""
+    """Item bi = batch bi of this rank's shard (perm seeded by (seed, epoch), rank r takes perm[r::world]), decoded,
+    with crop thetas and masks (seeded by (seed, rank, step): independent of --num-workers and resuming)."""
 
     def __init__(self, frames, cfg, rank, world, epoch, ipe, b):
         self.frames, self.cfg, self.rank, self.epoch, self.ipe, self.b = frames, cfg, rank, epoch, ipe, b
         self.shard = np.random.default_rng([cfg.seed, epoch]).permutation(len(frames))[rank::world]
 
-    def __len__(self):
-        return self.ipe
-
     def __getitem__(self, bi):
-        cfg, step = self.cfg, self.epoch * self.ipe + bi
-        imgs, bad = [], []
-        for i in self.shard[bi * self.b:(bi + 1) * self.b]:
-            x = self.frames.load(i)
-            if x is None:
-                bad.append(self.frames.name(i))
-            else:
-                imgs.append(x)
+        cfg, step, ids = self.cfg, self.epoch * self.ipe + bi, self.shard[bi * self.b:(bi + 1) * self.b]
+        loaded = [self.frames.load(i) for i in ids]
+        imgs = [x for x in loaded if x is not None]
+        bad = [self.frames.name(i) for i, x in zip(ids, loaded) if x is None]
         if not imgs:
             return dict(n=0, bad=bad)
         grid = cfg.img_size // cfg.patch_size
@@ -387,14 +338,12 @@ class Batches(torch.utils.data.Dataset):
                     masks_enc=masks_enc, masks_pred=masks_pred)
 
 # -----------------------------------------------------------------------------
-# model: the student encoder is vit.ViT without CLS; the predictor is the official one on vit.Block
+# model (the student is vit.ViT without CLS; the official predictor on vit.Block), SIGReg, schedules, one step
 
 
 class Predictor(nn.Module):
-    """official vision_transformer.py:220-326 (same parameter names): context tokens -> predicted target tokens.
-
-    Each of the M target blocks is predicted in its own sequence [context ; the block's Nt mask tokens + their
-    positions]: the context is repeated M times along the batch, block-major, so blocks never attend to each other."""
+    """official vision_transformer.py:220-326 (same names): context tokens -> predicted target tokens, each of the M
+    blocks in its own sequence [context ; its Nt mask tokens + positions], block-major: blocks never see each other."""
 
     def __init__(self, enc_dim, out_dim, grid, dim=128, depth=8, heads=8):
         super().__init__()
@@ -432,21 +381,17 @@ class IJEPA(nn.Module):
         z = self.encoder(x, ids_keep=masks_enc)             # (B, Nc, D) context tokens; pos added, then gathered
         return self.predictor(z, masks_enc, masks_pred), z
 
-# -----------------------------------------------------------------------------
-# SIGReg (LeJEPA) and the schedules
-
-
-def mean_over_ranks(x):
-    x = x.clone()
-    dist.all_reduce(x)
-    return x / dist.get_world_size()
-
 
 class AllReduceMean(torch.autograd.Function):
-    """Mean over ranks in forward and backward (LeJEPA utils.all_reduce): with DDP averaging the gradients, every
-    rank then gets the gradient of the global statistic."""
-    forward = staticmethod(lambda ctx, x: mean_over_ranks(x))
-    backward = staticmethod(lambda ctx, g: mean_over_ranks(g))
+    """Mean over ranks in forward and backward (LeJEPA utils.all_reduce): DDP then gets the global gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x / dist.get_world_size()
+
+    backward = forward                                               # the mean of the ranks' gradients
 
 
 def epps_pulley(x, t_max=3.0, n_points=17):
@@ -487,43 +432,36 @@ def schedules(cfg, step, total, warmup):
     wd = max(cfg.final_wd, wd) if cfg.final_wd <= cfg.wd else min(cfg.final_wd, wd)
     return lr, wd, cfg.ema[0] + step * (cfg.ema[1] - cfg.ema[0]) / total
 
-# -----------------------------------------------------------------------------
-# building and one training step (shared by train() and benchmark())
-
 
 def build(cfg, device):
     """-> model (student + predictor), teacher, teacher input affine (a, b) or None, optimizer."""
-    if cfg.img_size % cfg.patch_size or cfg.in_chans not in (1, 3) or cfg.seed < 0:
-        raise ValueError(f"need --img-size a multiple of --patch-size, --in-chans 1 or 3 and --seed >= 0, got "
-                         f"{cfg.img_size}, {cfg.patch_size}, {cfg.in_chans}, {cfg.seed}")
-    if str(device).startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True                        # fixed-shape patch-embedding conv (train.py)
-    kw = dict(depth=cfg.depth) if cfg.depth else {}
+    if (cfg.img_size % cfg.patch_size or 0 < cfg.load_size < cfg.img_size or cfg.in_chans not in (1, 3)
+            or cfg.seed < 0 or cfg.size not in vit.SIZES):
+        raise SystemExit(f"ijepa.py: pass an --img-size that is a multiple of --patch-size and <= --load-size (or "
+                         f"--load-size 0), --in-chans 1 or 3, --seed >= 0, --size one of {sorted(vit.SIZES)}")
+    cuda = str(device).startswith("cuda")              # TF32; autotuned fixed-shape patch-embedding conv (train.py)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = cuda
+    multiblock(1, cfg.img_size // cfg.patch_size, cfg.img_size // cfg.patch_size, 0, 0, cfg)   # bad masks stop here
     torch.manual_seed(cfg.seed)                                      # the same initial weights on every rank
-    student = vit.ViT(vit.vit_config(cfg.size, img_size=cfg.img_size, patch_size=cfg.patch_size,
-                                     in_chans=cfg.in_chans, cls_token=False, pos_embed="sincos", **kw))
-    affine = None
+    student = vit.ViT(vit.vit_config(cfg.size, img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+                                     depth=cfg.depth or vit.SIZES[cfg.size][1], cls_token=False, pos_embed="sincos"))
     if cfg.teacher:
+        if not os.path.isfile(cfg.teacher):
+            raise SystemExit(f"{cfg.teacher}: no such checkpoint; pass --teacher a pretext .safetensors checkpoint")
         teacher, meta = vit.load_encoder(cfg.teacher)
-        tc = teacher.cfg
-        if tc.patch_size != cfg.patch_size or (tc.in_chans != cfg.in_chans and cfg.in_chans != 1):
-            raise ValueError(f"{cfg.teacher}: teacher has patch {tc.patch_size} / {tc.in_chans} channels, this run "
-                             f"--patch-size {cfg.patch_size} / --in-chans {cfg.in_chans}: the patch sizes must match "
-                             f"(target tokens must line up) and the channels match (or a grayscale run, RGB teacher)")
+        if teacher.cfg.patch_size != cfg.patch_size or teacher.cfg.in_chans not in (cfg.in_chans, 3):
+            raise SystemExit(f"{cfg.teacher}: patch {teacher.cfg.patch_size}, {teacher.cfg.in_chans} channels; the "
+                             f"patch sizes must match (tokens line up) and the channels (RGB also serves --in-chans 1)")
         affine = tuple(torch.tensor(meta[k], device=device).view(1, -1, 1, 1) for k in ("mean", "std"))
     else:
-        teacher = copy.deepcopy(student)                             # train.py:169
-    predictor = Predictor(student.cfg.embed_dim, teacher.cfg.embed_dim, cfg.img_size // cfg.patch_size,
-                          cfg.pred_dim, cfg.pred_depth, cfg.pred_heads)
-    model = IJEPA(student, predictor).to(device)
+        teacher, affine = copy.deepcopy(student), None               # train.py:169
+    model = IJEPA(student, Predictor(student.cfg.embed_dim, teacher.cfg.embed_dim, cfg.img_size // cfg.patch_size,
+                                     cfg.pred_dim, cfg.pred_depth, cfg.pred_heads)).to(device)
     teacher.to(device).eval().requires_grad_(False)
-    decay, no_decay = [], []                                         # helper.py:107-137: no WD on biases / norms
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if "bias" in n or p.ndim == 1 else decay).append(p)
-    opt = torch.optim.AdamW([dict(params=decay), dict(params=no_decay, weight_decay=0.0, wd_exclude=True)],
-                            lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=str(device).startswith("cuda"))
+    ps = [p for p in model.parameters() if p.requires_grad]          # helper.py:107-137: no WD on biases / norms
+    opt = torch.optim.AdamW([dict(params=[p for p in ps if p.ndim > 1]),
+                             dict(params=[p for p in ps if p.ndim == 1], weight_decay=0.0, wd_exclude=True)],
+                            lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=cuda)
     return model, teacher, affine, opt
 
 
@@ -552,11 +490,10 @@ def teacher_input(x, affine, std, mean):
     """SALT: the images as the teacher was trained to see them (its own mean/std, RGB from gray if needed)."""
     if affine is None:
         return x
-    raw = (x * std + mean).expand(-1, affine[0].shape[1], -1, -1)     # (B, C_teacher, H, W) in [0, 1] units
-    return (raw - affine[0]) / affine[1]
+    return ((x * std + mean).expand(-1, affine[0].shape[1], -1, -1) - affine[0]) / affine[1]   # (B, C_teacher, H, W)
 
 # -----------------------------------------------------------------------------
-# training
+# training, and the training-step benchmark (bench.py train --method ijepa)
 
 
 def train(cfg):
@@ -564,80 +501,65 @@ def train(cfg):
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
     if ddp:
         dist.init_process_group("nccl" if cuda else "gloo")
-        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-        device = f"cuda:{local}" if cuda else "cpu"
-    else:
-        rank, world, device = 0, 1, cfg.device or ("cuda" if cuda else "cpu")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if ddp and cuda else cfg.device or ("cuda" if cuda else "cpu")
     on_cuda, master = device.startswith("cuda"), rank == 0
     if on_cuda:
         torch.cuda.set_device(device)
     ckpt, log_path = os.path.join(cfg.out, "ckpt.safetensors"), os.path.join(cfg.out, "log.jsonl")
     if os.path.exists(ckpt) and not cfg.resume:
-        raise FileExistsError(f"{ckpt} exists: pass --resume {ckpt} to continue that run, or choose another --out")
-    if cfg.teacher and os.path.abspath(cfg.teacher) == os.path.abspath(ckpt):
-        raise ValueError(f"--teacher {cfg.teacher} is this run's output checkpoint; choose another --out")
+        raise SystemExit(f"{ckpt} exists; pass --resume {ckpt} to continue that run, or choose another --out")
     if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world} ranks")
+        raise SystemExit(f"ijepa.py: --batch-size {cfg.batch_size} is not divisible by the {world} ranks; change it")
     b = cfg.batch_size // world
     os.makedirs(cfg.out, exist_ok=True)
     frames = Frames(cfg, cfg.load_size or round(cfg.img_size * 8 / 7))
-    if frames.L < cfg.img_size:
-        raise ValueError(f"--load-size {frames.L} is smaller than --img-size {cfg.img_size}")
     mean, std = data_stats(frames, cfg, master)
     ipe = len(frames) // world // b                                   # steps per epoch (drop_last)
     if ipe == 0:
-        raise ValueError(f"{len(frames)} frames cannot fill a batch of {b} on {world} rank(s); lower --batch-size")
+        raise SystemExit(f"{cfg.data or 'ijepa.py'}: {len(frames)} frames cannot fill one batch; lower --batch-size")
     total, warmup = ipe * cfg.epochs, warmup_steps(cfg, ipe)
     stop = min(total, cfg.max_steps) if cfg.max_steps else total
     model, teacher, affine, opt = build(cfg, device)
     torch.manual_seed(cfg.seed + rank)                                # per-rank RNG from here on
     np.random.seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
-    t_sum = sum(p.double().abs().sum().item() for p in teacher.parameters()) if cfg.teacher else 0.0  # SALT check
     start = 0
     if cfg.resume:
+        if not os.path.isfile(cfg.resume):
+            raise SystemExit(f"{cfg.resume}: no such checkpoint; pass --resume OUT/ckpt.safetensors of the run")
         t, meta = vit.load_checkpoint(cfg.resume)
-        st = meta["state"]
-        if meta["method"] != "ijepa" or "opt" not in st:
-            raise ValueError(f"{cfg.resume}: not an ijepa.py training checkpoint (method {meta['method']!r}); "
-                             f"--resume continues a run of this script, --teacher starts SALT from any checkpoint")
-        for k in ("size", "depth", "patch_size", "img_size", "in_chans", "pred_depth", "pred_dim", "pred_heads",
-                  "teacher"):
-            if meta["args"].get(k) != getattr(cfg, k):
-                raise ValueError(f"{cfg.resume}: saved with --{k.replace('_', '-')} {meta['args'].get(k)!r}, "
-                                 f"this run has {getattr(cfg, k)!r}; pass the same value to resume")
-        if (st["ipe"], st["frames"]) != (ipe, len(frames)):
-            raise ValueError(f"{cfg.resume}: saved with {st['frames']} frames / {st['ipe']} steps per epoch, now "
-                             f"{len(frames)} / {ipe}: the data or the number of ranks changed")
-        if cfg.teacher and not math.isclose(st["teacher_sum"], t_sum, rel_tol=1e-9):
-            raise ValueError(f"{cfg.teacher}: the teacher's weights changed since {cfg.resume} was written")
+        st, was = meta["state"] or {}, meta["args"] or {}
+        diff = [f"--{k.replace('_', '-')} {was.get(k)!r}" for k in ("size", "depth", "patch_size", "img_size",
+                "in_chans", "pred_depth", "pred_dim", "pred_heads", "teacher") if was.get(k) != getattr(cfg, k)]
+        if meta["method"] != "ijepa" or "skel" not in st or diff or (st["ipe"], st["frames"]) != (ipe, len(frames)):
+            raise SystemExit(f"{cfg.resume}: saved by {meta['method']}.py, {', '.join(diff) or 'other data/ranks'}; "
+                             f"--resume continues an ijepa.py run as it was (--teacher takes any checkpoint)")
         sub = lambda pre: {k[len(pre):]: v for k, v in t.items() if k.startswith(pre)}   # noqa: E731
         model.encoder.load_state_dict(sub("encoder." if cfg.teacher else "student."))
         model.predictor.load_state_dict(sub("predictor."))
         if not cfg.teacher:
             teacher.load_state_dict(sub("encoder."))
-        opt.load_state_dict(vit.unpack_state(st["opt"], t))
-        start = st["step"]
+        s = vit.unpack_state(st["skel"], t)                          # optimizer and RNG states
+        opt.load_state_dict(s["opt"])
+        rng, start = s["rng"], st["step"]
         if master:                                                    # rank 0's generators (the only ones saved)
-            torch.set_rng_state(t["rng.torch"])
-            if on_cuda and "rng.cuda" in t:
-                torch.cuda.set_rng_state(t["rng.cuda"])
-            np.random.set_state((st["rng_numpy"][0], np.array(st["rng_numpy"][1], np.uint32), *st["rng_numpy"][2:]))
-            random.setstate((st["rng_python"][0], tuple(st["rng_python"][1]), st["rng_python"][2]))
+            torch.set_rng_state(rng["torch"])
+            if on_cuda and rng["cuda"] is not None:
+                torch.cuda.set_rng_state(rng["cuda"])
+            np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], np.uint32), *rng["numpy"][2:]))
+            random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
     if master and os.path.exists(log_path):                           # drop lines logged after the checkpoint
-        with open(log_path) as f:
-            keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= start]
+        keep = [ln for ln in open(log_path) if ln.strip() and json.loads(ln)["step"] <= start]
         with open(log_path, "w") as f:
             f.writelines(keep)
-    fwd = nn.parallel.DistributedDataParallel(model, device_ids=[local] if cuda else None,
-                                              static_graph=True) if ddp else model
+    fwd = nn.parallel.DistributedDataParallel(model, static_graph=True) if ddp else model   # inputs already on device
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext()
     mean_t, std_t = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (mean, std))
     if master:
-        n_par = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+        n = sum(p.numel() for g in opt.param_groups for p in g["params"]) / 1e6
         print(f"ijepa: {len(frames)} frames, {ipe} steps/epoch x {cfg.epochs} epochs (warmup {warmup}), {world} x "
-              f"batch {b} on {device}, {n_par:.1f}M trainable, {'teacher ' + cfg.teacher if cfg.teacher else 'EMA'}"
-              + (f", SIGReg {cfg.sigreg}" if cfg.sigreg else ""))
+              f"batch {b} on {device}, {n:.1f}M trainable, teacher {cfg.teacher or 'EMA'}, SIGReg {cfg.sigreg}")
     bar = tqdm(total=stop, initial=start, disable=not master, dynamic_ncols=True)
     buf, rows, history, bad_files = [], [], [], []
     counts, t0 = np.zeros(3), time.time()                             # images; epoch-0 frames seen, unreadable
@@ -649,17 +571,15 @@ def train(cfg):
             return
         v = torch.cat([torch.stack(buf).double().flatten(), torch.tensor(counts, device=buf[0].device)])
         if ddp:
-            dist.all_reduce(v)
-        v = v.tolist()
-        vals, (n_img, seen, n_bad) = np.array(v[:-3]).reshape(-1, 3) / world, v[-3:]
+            dist.all_reduce(v)                                        # losses and unreadable counts of all ranks
+        *vals, n_img, seen, n_bad = v.tolist()                        # 3 values per step, then the 3 counts
+        vals = np.array(vals).reshape(-1, 3) / world                  # (steps, 3) means over ranks
         ips, lines = n_img / max(time.time() - t0, 1e-9), []
         for (loss, lp, sr), (s, epoch, lr, wd, m) in zip(vals, rows):
             if not math.isfinite(loss):
-                raise FloatingPointError(f"step {s}: loss is {loss}")
-            line = dict(step=s, epoch=epoch, loss=loss, lr=lr, wd=wd, img_per_s=ips)
-            line.update({} if cfg.teacher else dict(momentum=m))
-            line.update(dict(loss_pred=lp, sigreg=sr) if cfg.sigreg else {})
-            lines.append(json.dumps(line) + "\n")
+                raise SystemExit(f"step {s}: loss is {loss}")
+            extra = ({} if cfg.teacher else dict(momentum=m)) | (dict(loss_pred=lp, sigreg=sr) if cfg.sigreg else {})
+            lines.append(json.dumps(dict(step=s, epoch=epoch, loss=loss, lr=lr, wd=wd, **extra, img_per_s=ips)) + "\n")
             history.append(float(loss))
         if master:
             with open(log_path, "a") as f:
@@ -667,28 +587,25 @@ def train(cfg):
             bar.update(len(rows))
             bar.set_postfix(loss=f"{vals[-1][0]:.4f}", lr=f"{rows[-1][2]:.2e}", img_s=f"{ips:.0f}")
         if seen >= 100 and n_bad > 0.01 * seen:
-            raise RuntimeError(f"{int(n_bad)} of the first {int(seen)} frames could not be decoded (> 1%), e.g. "
-                               f"{bad_files[:5] or 'on another rank'}: fix or remove them")
+            raise SystemExit(f"{cfg.data}: {int(n_bad)} of the first {int(seen)} frames could not be decoded (> 1%), "
+                             f"e.g. {bad_files[:5] or 'on another rank'}; fix or remove them")
         buf, rows, counts[0], t0 = [], [], 0, time.time()
 
     def save(step):
-        flush()                                                       # raises on a non-finite loss: nothing saved
+        flush()                                                       # stops on a non-finite loss: nothing saved
         if not master:
             return
-        tensors, skel = vit.pack_state(opt.state_dict(), "opt")
+        npst = np.random.get_state()
+        rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if on_cuda else None,
+                   numpy=[npst[0], npst[1].tolist(), *npst[2:]], python=random.getstate())
+        tensors, skel = vit.pack_state(dict(opt=opt.state_dict(), rng=rng), "state")   # + a JSON-able skeleton
         tensors.update({f"predictor.{k}": v for k, v in model.predictor.state_dict().items()})
         tensors.update({} if cfg.teacher else {f"student.{k}": v for k, v in model.encoder.state_dict().items()})
-        tensors["rng.torch"] = torch.get_rng_state()
-        if on_cuda:
-            tensors["rng.cuda"] = torch.cuda.get_rng_state()
-        npst, pyst = np.random.get_state(), random.getstate()
-        state = dict(opt=skel, step=step, epoch=step // ipe, batch=step % ipe, ipe=ipe, frames=len(frames),
-                     world=world, teacher_sum=t_sum, rng_numpy=[npst[0], npst[1].tolist(), *npst[2:]],
-                     rng_python=[pyst[0], list(pyst[1]), pyst[2]])
+        state = dict(skel=skel, step=step, epoch=step // ipe, batch=step % ipe, ipe=ipe, frames=len(frames))
         vit.save_checkpoint(ckpt, model.encoder if cfg.teacher else teacher, method="ijepa", pool="mean",
                             mean=mean, std=std, args=asdict(cfg), step=step, tensors=tensors, state=state)
 
-    step, saved = start, None
+    step = start
     while step < stop:
         epoch = step // ipe
         loader = torch.utils.data.DataLoader(Batches(frames, cfg, rank, world, epoch, ipe, b), batch_size=None,
@@ -700,7 +617,7 @@ def train(cfg):
             bad_files += batch["bad"][:max(0, 100 - len(bad_files))]
             counts += [batch["n"], *([batch["n"] + len(batch["bad"]), len(batch["bad"])] if epoch == 0 else [0, 0])]
             if batch["n"] == 0:
-                raise RuntimeError(f"no frame of batch {step % ipe} of epoch {epoch} could be decoded: {batch['bad']}")
+                raise SystemExit(f"{cfg.data}: no frame of a batch could be decoded ({batch['bad'][:3]}); fix them")
             lr, wd, m = schedules(cfg, step, total, warmup)
             for gr in opt.param_groups:
                 gr["lr"], gr["weight_decay"] = lr, 0.0 if gr.get("wd_exclude") else wd
@@ -713,38 +630,26 @@ def train(cfg):
             rows.append((step, epoch, lr, wd, m))
             if step % cfg.log_every == 0:
                 flush()
-            if cfg.save_every and step % cfg.save_every == 0:
+            if step == stop or cfg.save_every and step % cfg.save_every == 0:
                 save(step)
-                saved = step
-            if step >= stop:
+            if step == stop:
                 break
-    if saved != step:
-        save(step)
     bar.close()
     if master:
         print(f"saved {ckpt} at step {step}")
-    if ddp:
+    if ddp:         # gloo can deadlock destroying a group whose worker still frees a Python-owned tensor: wait for it
+        dist.barrier()
         dist.destroy_process_group()
     return dict(losses=history, model=model, teacher=teacher, step=step)
-
-# -----------------------------------------------------------------------------
-# benchmark (bench.py train --method ijepa)
-
-
-def vit_flops(n, D, depth, mlp=4.0):
-    """Forward matmul FLOPs of `depth` pre-norm blocks on one sequence of n tokens of width D."""
-    return depth * (2 * n * (4 + 2 * mlp) * D * D + 4 * n * n * D)
 
 
 def benchmark(cfg, steps=20, warmup=5):
     """Training steps per second on a synthetic uint8 batch already on the device (masks made ahead, as the
-    workers would): -> dict(img_per_s, flops_per_img), FLOPs counted as 3x forward for the trained parts."""
+    workers would): -> dict(img_per_s, flops_per_img, context_tokens), FLOPs = 3x forward for the trained parts."""
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, teacher, affine, opt = build(cfg, device)
     B, L, grid = cfg.batch_size, cfg.load_size or round(cfg.img_size * 8 / 7), cfg.img_size // cfg.patch_size
     imgs = torch.randint(0, 256, (B, cfg.in_chans, L, L), dtype=torch.uint8, device=device)
-    mean_t = torch.full((1, cfg.in_chans, 1, 1), 0.2, device=device)
-    std_t = torch.full((1, cfg.in_chans, 1, 1), 0.25, device=device)
     batches = [(torch.from_numpy(rrc_theta(np.random.default_rng([cfg.seed, i]), B, L, cfg.crop_scale)).to(device),
                 *[t.to(device) for t in multiblock(B, grid, grid, i, 0, cfg)]) for i in range(8)]
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
@@ -754,21 +659,21 @@ def benchmark(cfg, steps=20, warmup=5):
             sync()
             t0 = time.perf_counter()
         theta, masks_enc, masks_pred = batches[i % len(batches)]
-        x = crop_normalize(imgs, theta, cfg.img_size, mean_t, std_t)
-        out = train_step(cfg, i, model, model, teacher, opt, x, teacher_input(x, affine, std_t, mean_t),
-                         masks_enc, masks_pred, 0.996, amp)
-    out.tolist()                                                      # waits for the last step
+        x = crop_normalize(imgs, theta, cfg.img_size, 0.2, 0.25)     # any mean / std: the same work
+        train_step(cfg, i, model, model, teacher, opt, x, teacher_input(x, affine, 0.25, 0.2), masks_enc,
+                   masks_pred, 0.996, amp)
     sync()
     dt = time.perf_counter() - t0
+    vit_flops = lambda n, D, depth: depth * (24 * n * D * D + 4 * n * n * D)  # noqa: E731 forward matmuls, n tokens
     D, Dt, Dp, N = model.encoder.cfg.embed_dim, teacher.cfg.embed_dim, cfg.pred_dim, grid * grid
-    pe = 2 * cfg.in_chans * cfg.patch_size ** 2
-    fl, nc_all = [], [me.shape[1] for _, me, _ in batches]
+    pe = 2 * cfg.in_chans * cfg.patch_size ** 2                       # patch embedding, per patch and out channel
+    fl, nc = [], [me.shape[1] for _, me, _ in batches]
     for _, me, mp in batches:
-        nc, (M, _, nt) = me.shape[1], mp.shape
-        student = vit_flops(nc, D, model.encoder.cfg.depth) + pe * N * D
-        pred = M * vit_flops(nc + nt, Dp, cfg.pred_depth) + 2 * nc * D * Dp + 2 * M * nt * Dp * Dt
+        (M, _, nt), n = mp.shape, me.shape[1]
+        student = vit_flops(n, D, model.encoder.cfg.depth) + pe * N * D
+        pred = M * vit_flops(n + nt, Dp, cfg.pred_depth) + 2 * n * D * Dp + 2 * M * nt * Dp * Dt
         fl.append(3 * (student + pred) + vit_flops(N, Dt, teacher.cfg.depth) + pe * N * Dt)
-    return dict(img_per_s=B * steps / dt, flops_per_img=float(np.mean(fl)), context_tokens=float(np.mean(nc_all)))
+    return dict(img_per_s=B * steps / dt, flops_per_img=float(np.mean(fl)), context_tokens=float(np.mean(nc)))
 
 
 if __name__ == "__main__":

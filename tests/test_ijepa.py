@@ -136,7 +136,7 @@ def test_fallback_when_targets_leave_no_room_and_bad_grid():
     cfg = Config(pred_scale=(0.45, 0.5), min_keep=4)
     enc, pred = multiblock(6, 8, 8, 0, 0, cfg)
     assert enc.shape[1] > cfg.min_keep and (enc[:, 1:] > enc[:, :-1]).all()
-    with pytest.raises(ValueError, match="min-keep"):
+    with pytest.raises(SystemExit, match="min-keep"):
         multiblock(2, 4, 4, 0, 0, Config())                         # 4 x 4 grid: blocks of <= 10 patches
 
 # -----------------------------------------------------------------------------
@@ -257,8 +257,13 @@ def test_frames_decode_every_format_and_flag_bad_files(tmp_path):
     rgb = ijepa.Frames(Config(data=str(d), in_chans=3), 32).load(0)
     assert rgb.shape == (3, 32, 32) and (rgb[0] == rgb[2]).all()
     np.save(d / "g.npy", np.zeros((2, 4), np.float32))
-    with pytest.raises(ValueError, match="g.npy.*uint8"):
+    with pytest.raises(SystemExit, match="g.npy.*uint8"):
         ijepa.Frames(Config(data=str(d)), 32)
+    with pytest.raises(SystemExit, match="nope: no such directory"):
+        ijepa.Frames(Config(data=str(tmp_path / "nope")), 32)
+    (tmp_path / "e").mkdir()                                         # 16-bit: / 257, no per-frame stretch
+    Image.fromarray(np.array([[25700, 12850], [25700, 12850]], np.uint16)).save(tmp_path / "e" / "h16.png")
+    assert ijepa.Frames(Config(data=str(tmp_path / "e")), 2).load(0)[0].tolist() == [[100, 50], [100, 50]]
 
 
 def test_stats_computed_written_and_checked(tmp_path):
@@ -275,7 +280,10 @@ def test_stats_computed_written_and_checked(tmp_path):
     os.makedirs(cfg.out)
     assert ijepa.data_stats(fr, cfg, master=True) == [mean, std] and os.path.isfile(os.path.join(cfg.out, "stats.json"))
     (d / "stats.json").write_text(json.dumps({"mean": [0.5, 0.5], "std": [0.2, 0.2]}))
-    with pytest.raises(ValueError, match="stats.json.*--in-chans 1"):
+    with pytest.raises(SystemExit, match="stats.json.*--in-chans 1"):
+        ijepa.data_stats(fr, cfg, master=True)
+    (d / "stats.json").write_text('{"mean": [0.5')                  # truncated JSON: the same clear exit
+    with pytest.raises(SystemExit, match="stats.json.*delete it"):
         ijepa.data_stats(fr, cfg, master=True)
     syn = ijepa.Frames(Config(synthetic_frames=6), 32)               # no --data: prep/synthetic.py frames
     assert len(syn) == 6 and syn.load(5).shape == (1, 32, 32)
@@ -318,9 +326,9 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     model, meta = vit.load_encoder(tmp_path / "b" / "ckpt.safetensors")
     assert meta["method"] == "ijepa" and meta["pool"] == "mean" and meta["step"] == 4 and meta["mean"] == [0.5]
     assert not model.cfg.cls_token and model.cfg.pos_embed == "sincos"
-    with pytest.raises(FileExistsError, match="--resume"):          # a finished run is never overwritten
+    with pytest.raises(SystemExit, match="--resume"):               # a finished run is never overwritten
         ijepa.train(tiny(tmp_path, out=str(tmp_path / "b")))
-    with pytest.raises(ValueError, match="--pred-dim"):
+    with pytest.raises(SystemExit, match="--pred-dim"):
         ijepa.train(tiny(tmp_path, out=str(tmp_path / "b"), pred_dim=32, resume=str(tmp_path / "b/ckpt.safetensors")))
 
 
@@ -336,7 +344,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     t["predictor.predictor_proj.weight"][0, 0] = float("nan")
     save_file(t, ck, metadata=meta)
     digest = hashlib.sha256(ck.read_bytes()).hexdigest()
-    with pytest.raises(FloatingPointError, match="step 3: loss is nan"):
+    with pytest.raises(SystemExit, match="step 3: loss is nan"):
         ijepa.train(tiny(tmp_path, max_steps=6, save_every=1, resume=str(ck)))
     assert hashlib.sha256(ck.read_bytes()).hexdigest() == digest
 
@@ -364,7 +372,7 @@ def test_salt_teacher_is_frozen_and_any_size(tmp_path):
     torch.testing.assert_close(xt, ((x * 0.25 + 0.5 - 0.4) / 0.2).expand(-1, 3, -1, -1))
     t16 = vit.ViT(vit.ViTConfig(img_size=32, patch_size=16, in_chans=1, embed_dim=64, depth=1, num_heads=2))
     vit.save_checkpoint(tmp_path / "t16.safetensors", t16, method="mae", pool="cls", mean=[0.4], std=[0.2])
-    with pytest.raises(ValueError, match="patch sizes must match"):
+    with pytest.raises(SystemExit, match="patch sizes must match"):
         ijepa.train(tiny(tmp_path, out=str(tmp_path / "c"), teacher=str(tmp_path / "t16.safetensors")))
 
 
@@ -377,7 +385,7 @@ def test_unreadable_files_are_skipped_then_stop_the_run(tmp_path, capsys):
     assert out["step"] == 3 and ("skipping unreadable frame" in cap.out + cap.err) == (0 in used)
     for i in range(1, 6):                                            # 6 of 156 frames (3.8 %) unreadable
         (d / f"bad{i}.png").write_bytes(b"junk")
-    with pytest.raises(RuntimeError, match=r"bad\d.png"):
+    with pytest.raises(SystemExit, match=r"bad\d.png"):
         ijepa.train(tiny(tmp_path, out=str(tmp_path / "r2"), batch_size=52, log_every=1))
 
 
