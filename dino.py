@@ -638,7 +638,8 @@ def train(cfg):
     if master:
         log.close()
         print(f"done: step {end}, teacher encoder in {ckpt}")
-    if ddp:
+    if ddp:         # gloo can deadlock destroying a group whose worker still frees a Python-owned tensor: wait for it
+        dist.barrier()
         dist.destroy_process_group()
     return dict(step=end, losses=losses, student=raw, teacher=teacher)
 

@@ -632,7 +632,8 @@ def train(cfg):
     pbar.close()
     if master:
         log.close()
-    if ddp:
+    if ddp:         # gloo can deadlock destroying a group whose worker still frees a Python-owned tensor: wait for it
+        dist.barrier()
         dist.destroy_process_group()
     return raw
 
