@@ -62,18 +62,15 @@ numpy >= 2.4 fails on runtime loop bounds (style-and-kernels.md 2.5); with trito
 (the CPU tests run that way), so on triton 3.6 interpret with numpy < 2.4. Compiled GPU code is unaffected.
 """
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-# the interpreter is chosen when @triton.jit runs (at import), so read the flag at import too
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from ._common import INTERPRET as _INTERPRET
+from ._common import empty as _empty
+from ._common import launch_args as _launch_args
 
-# Test hook: when True, every output buffer starts as NaN instead of torch.empty garbage, so an element a kernel
-# forgets to write fails the comparison with the reference. tests/test_triton_kernels.py turns it on.
-POISON_OUTPUTS = False
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 
@@ -404,19 +401,6 @@ def _attn_map_mean_kernel(
 
 # -----------------------------------------------------------------------------
 # wrappers
-
-def _empty(shape, dtype, device):
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _launch_args(dtype):
-    """(UPCAST, PRECISION) constexprs for an input dtype."""
-    upcast = _INTERPRET and dtype == torch.bfloat16
-    precision = "ieee" if dtype == torch.float32 else "tf32"  # the precision only matters for fp32 operands
-    return upcast, precision
-
 
 def _num_warps(D, dtype):
     # 4 warps for 16-bit D <= 64; D = 128 and fp32 (ieee dots run on the FMA units and need more registers: at 4

@@ -50,16 +50,14 @@ problem does not apply; note the interpreter truncates fp32 -> bf16 casts where 
 bf16 results with pos or repeated indices can differ by one bf16 ulp there. Masked pointer arithmetic only (triton
 3.6 and 3.7).
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from ._common import INTERPRET as _INTERPRET
+from ._common import empty as _empty
 
-# Test hook: when True, output buffers start as NaN so unwritten elements fail the tests (see tests/).
-POISON_OUTPUTS = False
 
 # Fixed block sizes (no autotune; not measured yet): 16 rows x 128 channels per program is 4 KB of bf16 per
 # program and a (16, 128) fp32 accumulator = 16 registers per thread at 4 warps. BLOCK_K = 128 index entries are
@@ -137,12 +135,6 @@ def _gather_bwd_kernel(
 
 # -----------------------------------------------------------------------------
 # wrappers
-
-def _empty(shape, dtype, device):
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
 
 def _block_d(D):
     return min(BLOCK_D_MAX, triton.next_power_of_2(max(D, 16)))

@@ -45,16 +45,15 @@ power of two, in registers); fp32, fp16, bf16. Runs on CUDA tensors, or on CPU t
 where bf16 tiles are upcast to fp32 before tl.dot (UPCAST constexpr; the interpreter's bf16 dot is wrong).
 Masked pointer arithmetic only (triton 3.6 and 3.7).
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from ._common import INTERPRET as _INTERPRET
+from ._common import empty as _empty
+from ._common import launch_args as _launch_args
 
-# Test hook: when True, output buffers start as NaN so unwritten elements fail the tests (see tests/).
-POISON_OUTPUTS = False
 
 # Fixed block sizes (no autotune; not measured). Forward: a plain 64 x 64 output tile with 32-wide D steps, 4
 # warps, 3 stages, the common starting point for bf16 matmuls of this size (Na = Nb = 196 -> 4 x 4 tiles).
@@ -169,18 +168,6 @@ def _cos_bwd_kernel(
 
 # -----------------------------------------------------------------------------
 # wrappers
-
-def _empty(shape, dtype, device):
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _launch_args(dtype):
-    upcast = _INTERPRET and dtype == torch.bfloat16
-    precision = "ieee" if dtype == torch.float32 else "tf32"  # only matters for fp32 operands
-    return upcast, precision
-
 
 def _cos_fwd(a, b, eps):
     Bsz, Na, D = a.shape

@@ -63,8 +63,7 @@ MAP_TOL = (2e-5, 1e-4)
 
 @pytest.fixture(autouse=True)
 def poison_and_seed(monkeypatch, request):
-    for mod in (attn_mod, gather_mod, sim_mod):
-        monkeypatch.setattr(mod, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(importlib.import_module("kernels._common"), "POISON_OUTPUTS", True)
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))  # fresh data per case, reproducible
 
 
