@@ -1,4 +1,5 @@
-"""Linear probing of frozen encoders: the paper's ultrasound evaluation (Table 2, appendix 0.D.2).
+"""Linear probing of frozen encoders: the paper's ultrasound evaluation (Table 2, appendix 0.D.2), read against
+"no pretraining" (random twins, raw pixels) with bootstrap confidence intervals and paired tests.
 
     python probe.py runs/mae/ckpt.safetensors runs/dino/ckpt.safetensors runs/ijepa/ckpt.safetensors \\
         --data ultrabench/aul_mass_v1.0.1 ultrabench/fatty_liver_v1.0.1 data/synthetic/labels.csv --out runs/probe
@@ -14,12 +15,22 @@ Every split must hold every class (AUROC and macro-F1 need it). Layouts and chec
 compute; a missing split, an absent class, a missing or unreadable image (when first read) or a file that is
 not a pretext checkpoint stops the run with a message naming it and the fix.
 
-Features: once per (checkpoint, image list), with the checkpoint's own preprocessing (meta img_size, in_chans:
+Features: once per (encoder, image list), with the checkpoint's own preprocessing (meta img_size, in_chans:
 grey -> RGB by repetition or RGB -> luma, meta mean/std: for our encoders the pretraining set's statistics, as
 the paper standardises downstream images) and pooling (meta pool: CLS token, or mean of the patch tokens for
-I-JEPA); batched, on the GPU when there is one, no augmentation. Cached in OUT/features/ under the checkpoint
-file's sha256 and the image list (paths, sizes, mtimes), so re-running, adding tasks or checkpoints only
-computes what is new.
+I-JEPA); batched, on the GPU when there is one, no augmentation. Cached in OUT/features/ under the encoder's
+sha256 and the image list (paths, sizes, mtimes), so re-running, adding tasks or checkpoints only computes what
+is new. An image file held by several tasks (hard links count) is decoded and embedded once per encoder, and
+decoded images are kept for the next encoder with the same input size and channels.
+
+Controls (on by default; --no-controls skips them), every one through the same probe, seeds and metrics:
+- "own init": OUT_RUN/init.safetensors beside each checkpoint, the same encoder role at step 0 that every
+  method run writes (its own pooling and mean/std). When it is absent the table says so; nothing replaces it.
+- "ViT init": vit.ViT built from the checkpoint's ViT config with vit.py's default init under torch seed
+  --twin-seed, read with the checkpoint's pooling and mean/std (the plain-architecture baseline).
+- "raw pixels", one per task: the image (luma when every checkpoint is grey, else RGB, padded as --pad says)
+  resized to --pixel-grid x --pixel-grid by PIL's antialiased bilinear filter, in [0, 1], flattened and z-scored
+  with the train split's per-pixel mean and std (so Adam's lr 1e-3 suits it): what a probe gets from no encoder.
 
 Probe, as 0.D.2: one linear layer on the frozen features, cross-entropy, batch 32, lr 1e-3, up to 300 epochs,
 early stopping with patience 30 on the validation loss, the best-validation-loss epoch evaluated on test,
@@ -33,23 +44,44 @@ torch.bmm per minibatch indexed straight out of the feature tensor (no DataLoade
 gradient written out, torch's fused Adam. Adam is elementwise and each seed's gradient is its own, so each
 seed follows exactly the trajectory it would alone (tests/test_probe.py checks it against a plain one-seed
 nn.Linear loop); a stopped seed keeps being updated with the others, but its best weights are kept.
-`python probe.py --bench` times 5 seeds x 300 epochs on 3500 x 384 cached features (see BENCHMARKS.md).
 
-Metrics on test (sklearn): AUROC = roc_auc_score on P[:, 1] for two classes, macro one-vs-rest over the
-softmax probabilities for more; F1 = macro F1 of the argmax (the class-balanced F1 US-JEPA reports); mean and
-sample std (ddof=1) over the seeds, printed as the paper's Table 2 (rows = tasks, a column group per checkpoint)
-and written to OUT/table.md. OUT/results.json holds per-seed metrics, best/stopped epochs, and the test labels
-and probabilities of every seed, so every number can be recomputed with sklearn.
+Metrics on test: AUROC = sklearn's roc_auc_score on P[:, 1] for two classes, macro one-vs-rest over the softmax
+probabilities for more; F1 = macro F1 of the argmax (the class-balanced F1 US-JEPA reports), mean and sample
+std (ddof=1) over the seeds. Statistics over the TEST ITEMS (the frames), the statistic being the mean over the
+seeds of each seed's AUROC:
+- 95% CI: percentile interval of --boot stratified bootstrap resamples (each class keeps its count, its frames
+  drawn with replacement; pROC's default for AUROC, Carpenter & Bithell 2000), numpy seed --boot-seed, the same
+  resamples for every encoder of a task. AUROC on all resamples at once from one sort per seed (Mann-Whitney
+  with tie groups), no sklearn loop.
+- paired comparisons on the same frames, each trained checkpoint against each of its twins and the raw
+  pixels, and every pair of trained checkpoints: the AUROC difference, its paired bootstrap 95% CI (the
+  difference on each of the same resamples) and DeLong's test (DeLong, DeLong & Clarke-Pearson 1988; structural
+  components by the midrank algorithm of Sun & Xu 2014; the seed-mean AUROC's components are the seed means of
+  each seed's components; for C > 2 classes the macro one-vs-rest mean, see auroc_influence), two-sided p.
+Printed as the paper's tables (rows = encoders, a column group per task; a second table of the paired
+comparisons), with the paper's reported Table 2 beside them for tasks whose names match one of its datasets
+(or all of it with --paper), and written to OUT/table.md.
+
+Never overwritten: OUT/results.json gathers every evaluation made into OUT, keyed by the encoder's sha256 and
+the task. A later run adds its encoders and tasks and keeps everything already there (a result already
+present for the same encoder and task is reused, not recomputed); the tables show all of it. A run whose
+probe settings differ from those already in OUT, a task name already there with other images or labels, or a
+results.json that is unreadable or of an older format is refused before any compute, the file untouched: use
+another --out. results.json holds, per task, the test paths and labels and, per encoder, every seed's metrics,
+best/stopped epochs and test probabilities, and the bootstrap seed and count, so every number can be recomputed.
+`python probe.py --bench` times 5 seeds x 300 epochs on 3500 x 384 cached features (see BENCHMARKS.md).
 """
 import argparse
 import csv
 import hashlib
+import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -61,44 +93,78 @@ EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "val", "test")
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 FEATURES_VERSION = 1          # bump when the image loading below changes, to invalidate cached features
+RESULTS_FORMAT = "pretext-probe-2"
+DECODE_CACHE_BYTES = 1 << 30  # decoded images kept for the next encoder of the same input size, up to this much
+NAMES = {"mae": "MAE", "dino": "DINOv3", "ijepa": "I-JEPA"}     # row names as the paper's tables
+# the settings that change a probe's numbers: results.json only gathers runs that agree on all of them
+PROTOCOL = ("batch_size", "lr", "epochs", "patience", "seeds", "seed", "weight_decay", "standardize", "pad")
 
 
 @dataclass
 class Config:
     ckpts: list = field(default_factory=list)   # pretext checkpoints (positional)
     data: list = field(default_factory=list)    # task folders / CSVs
-    out: str = "runs/probe"
-    batch_size: int = 32        # 0.D.2
-    lr: float = 1e-3            # 0.D.2
-    epochs: int = 300           # 0.D.2: up to 300
-    patience: int = 30          # 0.D.2: early stopping on the validation loss
-    seeds: int = 5              # 0.D.2: five seeds, averaged
-    seed: int = 0               # seeds are seed, seed + 1, ...
+    out: str = "runs/probe"     # results.json, table.md and the feature cache (earlier results there are kept)
+    batch_size: int = 32        # probe minibatch (0.D.2: 32)
+    lr: float = 1e-3            # Adam learning rate, constant (0.D.2: 0.001)
+    epochs: int = 300           # most epochs per probe (0.D.2: 300)
+    patience: int = 30          # epochs without a lower validation loss before a seed stops (0.D.2: 30)
+    seeds: int = 5              # probes per encoder and task, averaged (0.D.2: 5)
+    seed: int = 0               # first seed; the seeds are seed, seed + 1, ...
     weight_decay: float = 0.0   # Adam's L2 penalty (0 = plain Adam)
     standardize: bool = False   # z-score the features with the train split's mean/std before the probe
     pad: bool = False           # pad images to a square before resizing (prep/ultrasound.py does); else squash
+    controls: bool = True       # evaluate each checkpoint's own-init and ViT-init twins and a raw-pixel baseline
+    twin_seed: int = 0          # torch seed of the ViT-init twin's default initialisation
+    pixel_grid: int = 16        # raw-pixel baseline: images resized to this many pixels a side
+    boot: int = 2000            # bootstrap resamples of the test items for the CIs and paired differences
+    boot_seed: int = 0          # numpy seed of the bootstrap resamples
+    paper: bool = False         # print the paper's whole Table 2, not only the datasets matching a task name
     img_batch: int = 64         # images per encoder forward pass
     num_workers: int = 4        # image decoding processes
     device: str = "auto"        # auto | cpu | cuda | cuda:1 ...
     bench: bool = False         # time the probe on synthetic features and exit
 
 
+def config_help(cls):
+    """{field: its comment in the class body}: the Config comments are the --help texts."""
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=[^#]*#\s*(.*)$", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def add_config_flags(p, cls, skip=(), required=()):
+    """One --flag per Config field (bools as --flag/--no-flag), help = the field's comment and its default."""
+    helps = config_help(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        name = f"--{f.name.replace('_', '-')}"
+        text = helps.get(f.name, "")
+        if f.name in required:
+            p.add_argument(name, type=type(f.default), required=True, help=text)
+        elif isinstance(f.default, bool):
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default,
+                           help=f"{text} (default: {'on' if f.default else 'off'})")
+        else:
+            p.add_argument(name, type=type(f.default), default=f.default, help=f"{text} (default: {f.default!r})")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpts", nargs="*", help="pretext checkpoints (convert official ones with `vit.py convert`)")
     p.add_argument("--data", nargs="+", default=[], help="task folders or CSV files")
-    for f in fields(Config):
-        if f.name in ("ckpts", "data"):
-            continue
-        name = f"--{f.name.replace('_', '-')}"
-        if isinstance(f.default, bool):
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            p.add_argument(name, type=type(f.default), default=f.default)
+    add_config_flags(p, Config, skip=("ckpts", "data"))
     cfg = Config(**vars(p.parse_args(argv)))
     if not cfg.bench and (not cfg.ckpts or not cfg.data):
         p.error("give at least one checkpoint and --data TASK (or --bench)")
+    for name in ("seeds", "epochs", "batch_size", "boot", "pixel_grid", "img_batch"):
+        if getattr(cfg, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     return cfg
 
 # -----------------------------------------------------------------------------
@@ -203,6 +269,134 @@ def read_tasks(path):
     raise ValueError(f"{path}: no task found; expected {{train,val,test}}/<class>/ folders, UltraBench v1.0.1's "
                      f"train.json / validation.json / test.json, or one CSV with path,label,split columns")
 
+
+def task_listing(task):
+    """[split, absolute path, size, mtime] of every image, in split order: what the features depend on."""
+    listing = []
+    for s in SPLITS:
+        for p in task["splits"][s][0]:
+            try:
+                st = os.stat(p)
+            except OSError:
+                raise ValueError(f"{task['where']}: image {p} does not exist") from None
+            listing.append([s, os.path.abspath(p), st.st_size, st.st_mtime_ns])
+    return listing
+
+
+def task_fingerprint(task):
+    """sha256 of the images (paths, sizes, mtimes), their splits and labels: results of one task name in OUT must
+    all come from the same one."""
+    labels = [task["splits"][s][1].tolist() for s in SPLITS]
+    return hashlib.sha256(json.dumps([task_listing(task), labels, task["classes"]]).encode()).hexdigest()
+
+# -----------------------------------------------------------------------------
+# encoders: the checkpoints and their controls
+
+
+def sha256_file(path, chunk=1 << 22):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def sha256_weights(model):
+    """sha256 of a module's state dict (names, shapes, bytes), to key an encoder that has no file."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def method_name(meta):
+    """MAE / DINOv3 / I-JEPA as the paper's tables; an I-JEPA run with a frozen teacher is US-JEPA."""
+    if meta["method"] == "ijepa" and (meta.get("args") or {}).get("teacher"):
+        return "US-JEPA"
+    return NAMES.get(meta["method"], meta["method"])
+
+
+def checkpoint_labels(ckpts, taken=()):
+    """Row names: the method, with the run folder when two checkpoints share a method (or a name in `taken`),
+    then the file name, then the sha256 prefix."""
+    methods = [method_name(c["meta"]) for c in ckpts]
+    labels = []
+    for c, m in zip(ckpts, methods):
+        name = m
+        if methods.count(m) > 1 or m in taken:
+            name = f"{m} ({os.path.basename(os.path.dirname(os.path.abspath(c['path']))) or c['path']})"
+        labels.append(name)
+    for i, lab in enumerate(labels):              # still equal (same folder): the file name
+        if labels.count(lab) > 1 or lab in taken:
+            labels[i] = f"{methods[i]} ({os.path.basename(ckpts[i]['path'])})"
+    for i, lab in enumerate(labels):              # still equal: the file's hash
+        if labels.count(lab) > 1 or lab in taken:
+            labels[i] = f"{lab} [{ckpts[i]['sha256'][:8]}]"
+    return labels
+
+
+def read_checkpoint(path):
+    """-> encoder dict of a trained checkpoint (clear error for files that are not pretext checkpoints)."""
+    _, meta = vit.load_checkpoint(path)
+    return {"kind": "trained", "path": path, "meta": meta, "sha256": sha256_file(path), "key": None}
+
+
+def own_init_twin(ck):
+    """The run's step-0 encoder (OUT_RUN/init.safetensors beside the checkpoint) -> (encoder dict, None) or
+    (None, why it is missing)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(ck["path"])), "init.safetensors")
+    if not os.path.isfile(path):
+        return None, f"no {path}"
+    if os.path.samefile(path, ck["path"]):
+        return None, f"{path} is the evaluated checkpoint itself"
+    _, meta = vit.load_checkpoint(path)
+    if meta["vit"] != ck["meta"]["vit"] or meta["pool"] != ck["meta"]["pool"]:
+        return None, f"{path} has another ViT config or pooling than {ck['path']}: not its twin"
+    enc = {"kind": "own init", "path": path, "meta": meta, "sha256": sha256_file(path)}
+    enc["key"] = enc["sha256"]
+    return enc, None
+
+
+def vit_init_twin(ck, seed):
+    """vit.ViT of the checkpoint's config, vit.py's default init under torch seed `seed`, read with the checkpoint's
+    pooling and mean/std. Keyed by the weights' hash and that preprocessing."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = vit.ViT(vit.config_from_meta(ck["meta"])).eval()
+    meta = {k: ck["meta"][k] for k in ("method", "vit", "img_size", "in_chans", "mean", "std", "pool")}
+    meta["method"] = "vit-init"
+    sha = sha256_weights(model)
+    prep = [sha, meta["pool"], meta["mean"], meta["std"], meta["img_size"], meta["in_chans"]]
+    key = "vitinit-" + hashlib.sha256(json.dumps(prep).encode()).hexdigest()
+    return {"kind": "ViT init", "path": None, "meta": meta, "sha256": key[len("vitinit-"):], "key": key,
+            "model": model, "seed": seed}
+
+
+def pixel_encoder(chans, grid):
+    """The raw-pixel baseline of a task: no encoder, the image at grid x grid."""
+    key = f"raw-pixels-{grid}x{grid}x{chans}"
+    meta = {"method": "pixels", "img_size": grid, "in_chans": chans, "pool": "none", "mean": None, "std": None}
+    label = f"raw pixels ({grid}x{grid} {'grey' if chans == 1 else 'RGB'})"
+    return {"kind": "raw pixels", "path": None, "meta": meta, "sha256": hashlib.sha256(key.encode()).hexdigest(),
+            "key": key, "label": label}
+
+
+def encoder_record(enc):
+    """What results.json keeps of an encoder."""
+    m = enc["meta"]
+    rec = {"label": enc["label"], "kind": enc["kind"], "path": os.path.abspath(enc["path"]) if enc["path"] else None,
+           "sha256": enc["sha256"], "method": m["method"], "pool": m["pool"], "img_size": m["img_size"],
+           "in_chans": m["in_chans"], "mean": m["mean"], "std": m["std"]}
+    if enc["kind"] == "ViT init":
+        rec["vit"] = m["vit"]
+        rec["twin_seed"] = enc["seed"]
+    if enc["kind"] == "trained":
+        rec["step"] = m.get("step")
+        rec["twins"] = enc.get("twins", {})
+    return rec
+
 # -----------------------------------------------------------------------------
 # features
 
@@ -222,13 +416,16 @@ def load_image(path, in_chans, size, pad):
         sq = Image.new(im.mode, (s, s))
         sq.paste(im, ((s - im.width) // 2, (s - im.height) // 2))
         im = sq
-    a = np.asarray(im.resize((size, size), Image.BILINEAR))
+    a = np.asarray(im.resize((size, size), Image.BILINEAR))             # antialiased: PIL widens the filter
     return torch.from_numpy(a.copy()).reshape(size, size, in_chans).permute(2, 0, 1)   # (C, S, S)
 
 
 class Images(torch.utils.data.Dataset):
     def __init__(self, paths, in_chans, size, pad):
-        self.paths, self.in_chans, self.size, self.pad = paths, in_chans, size, pad
+        self.paths = paths
+        self.in_chans = in_chans
+        self.size = size
+        self.pad = pad
 
     def __len__(self):
         return len(self.paths)
@@ -240,66 +437,126 @@ class Images(torch.utils.data.Dataset):
             return torch.zeros(self.in_chans, self.size, self.size, dtype=torch.uint8), i, f"{type(e).__name__}: {e}"
 
 
-@torch.no_grad()
-def extract(model, meta, paths, cfg, device):
-    """-> (N, D) float32 features of `paths` with the checkpoint's preprocessing and pooling."""
+def decode(paths, in_chans, size, cfg, desc="decode"):
+    """-> uint8 (N, C, S, S) of every image, decoded by cfg.num_workers processes; unreadable images named."""
     from tqdm import tqdm
-    C, S = meta["in_chans"], meta["img_size"]
-    mean = torch.tensor(meta["mean"], device=device).view(1, C, 1, 1)
-    std = torch.tensor(meta["std"], device=device).view(1, C, 1, 1)
-    loader = torch.utils.data.DataLoader(Images(paths, C, S, cfg.pad), batch_size=cfg.img_batch,
-                                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-    feats, bad = [None] * len(paths), []
-    for x, idx, err in tqdm(loader, desc="features", unit="batch", leave=False,
+    loader = torch.utils.data.DataLoader(Images(paths, in_chans, size, cfg.pad), batch_size=cfg.img_batch,
+                                         num_workers=cfg.num_workers)
+    out = torch.empty(len(paths), in_chans, size, size, dtype=torch.uint8)
+    bad = []
+    for x, idx, err in tqdm(loader, desc=desc, unit="batch", leave=False,
                             mininterval=0.5 if sys.stderr.isatty() else 30):
         bad += [(paths[i], e) for i, e in zip(idx.tolist(), err) if e]
-        x = x.to(device, non_blocking=True).float().div(255)          # (B, C, S, S)
-        z = model.embed((x - mean) / std, meta["pool"]).float().cpu()  # (B, D)
-        for i, zi in zip(idx.tolist(), z):
-            feats[i] = zi
+        out[idx] = x
     if bad:
         raise ValueError(f"{len(bad)} unreadable image(s): " + "; ".join(f"{p} ({e})" for p, e in bad[:5])
                          + ". Re-export them or remove them from the task")
-    return torch.stack(feats)
+    return out
 
 
-def sha256_file(path, chunk=1 << 22):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
+@torch.no_grad()
+def extract(model, meta, images, cfg, device):
+    """uint8 images (N, C, S, S) -> (N, D) float32 features with the checkpoint's normalisation and pooling."""
+    C = meta["in_chans"]
+    mean = torch.tensor(meta["mean"], device=device).view(1, C, 1, 1)
+    std = torch.tensor(meta["std"], device=device).view(1, C, 1, 1)
+    feats = []
+    for i in range(0, len(images), cfg.img_batch):
+        x = images[i:i + cfg.img_batch].to(device, non_blocking=True).float().div(255)   # (B, C, S, S)
+        feats.append(model.embed((x - mean) / std, meta["pool"]).float().cpu())          # (B, D)
+    return torch.cat(feats)
 
 
-def task_features(ck, task, cfg, device):
-    """{split: (N, D) features}, from OUT/features/ when this checkpoint has seen these images."""
-    listing = []
-    for s in SPLITS:
-        for p in task["splits"][s][0]:
-            try:
-                st = os.stat(p)
-            except OSError:
-                raise ValueError(f"{task['where']}: image {p} does not exist") from None
-            listing.append([s, os.path.abspath(p), st.st_size, st.st_mtime_ns])
-    meta = ck["meta"]
+def file_id(path):
+    """The identity of an image file: hard links to one file (the demo's task folders) share it."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino)
+
+
+class Decoded:
+    """Images decoded in this run, by file identity, kept for the next encoder with the same input size and
+    channels (up to DECODE_CACHE_BYTES)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.store = {}
+        self.bytes = 0
+
+    def get(self, paths, in_chans, size):
+        """-> uint8 (N, C, S, S) of paths, decoding only the files not seen at this size yet."""
+        keys = [(file_id(p), in_chans, size) for p in paths]
+        todo = {}
+        for p, k in zip(paths, keys):
+            if k not in self.store and k not in todo:
+                todo[k] = p
+        if todo:
+            images = decode(list(todo.values()), in_chans, size, self.cfg, desc=f"decode {size}px")   # (M, C, S, S)
+            if self.bytes + images.numel() > DECODE_CACHE_BYTES:
+                self.store.clear()
+                self.bytes = 0
+            fresh = dict(zip(todo, images))
+            if images.numel() <= DECODE_CACHE_BYTES:
+                self.store.update(fresh)
+                self.bytes += images.numel()
+            return torch.stack([self.store[k] if k in self.store else fresh[k] for k in keys])
+        return torch.stack([self.store[k] for k in keys])
+
+
+def feature_path(enc, task, cfg):
+    """OUT/features/<encoder>/<key of the image listing and the preprocessing>.pt"""
+    meta = enc["meta"]
     prep = [FEATURES_VERSION, meta["img_size"], meta["in_chans"], meta["mean"], meta["std"], meta["pool"], cfg.pad]
-    key = hashlib.sha256(json.dumps([listing, prep]).encode()).hexdigest()[:16]
-    path = os.path.join(cfg.out, "features", ck["sha256"][:16], f"{key}.pt")   # tasks on the same images share it
-    if os.path.exists(path):
-        return torch.load(path, weights_only=True), True
-    if ck.get("model") is None:
-        ck["model"], _ = vit.load_encoder(ck["path"], device)
-    paths = [p for s in SPLITS for p in task["splits"][s][0]]
-    z = extract(ck["model"], meta, paths, cfg, device)
-    out, i = {}, 0
-    for s in SPLITS:
-        n = len(task["splits"][s][0])
-        out[s] = z[i:i + n].contiguous()
-        i += n
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(out, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
-    return out, False
+    key = hashlib.sha256(json.dumps([task_listing(task), prep]).encode()).hexdigest()[:16]
+    return os.path.join(cfg.out, "features", enc["sha256"][:16], f"{key}.pt")   # tasks on the same images share it
+
+
+def encoder_features(enc, tasks, cfg, device, decoded):
+    """{task name: ({split: (N, D) features}, cached)} of one encoder. Cached tasks are read from OUT/features/;
+    the others are embedded together, every image file once even when several tasks hold it (hard links too)."""
+    out = {}
+    todo = []
+    for t in tasks:
+        path = feature_path(enc, t, cfg)
+        if os.path.exists(path):
+            out[t["name"]] = (torch.load(path, weights_only=True), True)
+        else:
+            todo.append((t, path))
+    if not todo:
+        return out
+    index = {}
+    paths = []
+    rows = []
+    for t, _ in todo:
+        r = []
+        for p in (p for s in SPLITS for p in t["splits"][s][0]):
+            k = file_id(p)
+            if k not in index:
+                index[k] = len(paths)
+                paths.append(p)
+            r.append(index[k])
+        rows.append(torch.tensor(r))
+    meta = enc["meta"]
+    images = decoded.get(paths, meta["in_chans"], meta["img_size"])        # (U, C, S, S) uint8, U unique files
+    if enc["kind"] == "raw pixels":
+        z = images.flatten(1).float().div(255)                               # (U, C * S * S)
+    else:
+        if enc.get("model") is None:
+            enc["model"], _ = vit.load_encoder(enc["path"], device)
+        enc["model"].to(device).eval()
+        z = extract(enc["model"], meta, images, cfg, device)                 # (U, D)
+    for (t, path), r in zip(todo, rows):
+        zt = z[r]                                                            # (N, D) in the task's split order
+        feats = {}
+        i = 0
+        for s in SPLITS:
+            n = len(t["splits"][s][0])
+            feats[s] = zt[i:i + n].contiguous()
+            i += n
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(feats, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+        out[t["name"]] = (feats, False)
+    return out
 
 # -----------------------------------------------------------------------------
 # the probe: S seeds trained at once
@@ -322,7 +579,9 @@ def train_probe(Xtr, ytr, Xva, yva, n_classes, seeds, cfg):
 
 def _train_probe(Xtr, ytr, Xva, yva, n_classes, seeds, cfg):
     dev = Xtr.device
-    S, (N, D), C = len(seeds), Xtr.shape, n_classes
+    S = len(seeds)
+    N, D = Xtr.shape
+    C = n_classes
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     bound = 1 / math.sqrt(D)   # nn.Linear's init: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(D), 1/sqrt(D)), bias too
     W = torch.stack([torch.cat([torch.empty(C, D).uniform_(-bound, bound, generator=g),
@@ -334,8 +593,11 @@ def _train_probe(Xtr, ytr, Xva, yva, n_classes, seeds, cfg):
     opt = torch.optim.Adam([W], lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     best_W = W.clone()
     best = torch.full((S,), float("inf"))
-    best_epoch, stopped = torch.zeros(S, dtype=torch.long), torch.zeros(S, dtype=torch.long)
-    bad, active, hist = torch.zeros(S, dtype=torch.long), torch.ones(S, dtype=torch.bool), []
+    best_epoch = torch.zeros(S, dtype=torch.long)
+    stopped = torch.zeros(S, dtype=torch.long)
+    bad = torch.zeros(S, dtype=torch.long)
+    active = torch.ones(S, dtype=torch.bool)
+    hist = []
     yva_s = yva.repeat(S)                                                # (S * Nv,) seed-major
     for epoch in range(1, cfg.epochs + 1):
         perm = torch.stack([torch.randperm(N, generator=g) for g in gens]).to(dev)   # (S, N): own order per seed
@@ -344,12 +606,12 @@ def _train_probe(Xtr, ytr, Xva, yva, n_classes, seeds, cfg):
             x = Xtr.index_select(0, idx.reshape(-1)).view(S, -1, D + 1)  # (S, B, D + 1)
             p = torch.bmm(x, W.transpose(1, 2)).softmax(-1)              # (S, B, C)
             # mean cross-entropy over the batch, per seed: d/dlogits = (p - onehot) / B, d/dW = that^T x
-            g = p.sub_(onehot.index_select(0, idx.reshape(-1)).view(S, -1, C)).div_(idx.shape[1])
+            g = p.sub_(onehot.index_select(0, idx.reshape(-1)).view(S, -1, C)).div_(idx.shape[1])   # (S, B, C)
             W.grad = torch.bmm(g.transpose(1, 2), x)                     # (S, C, D + 1)
             opt.step()
         with torch.no_grad():
             logits = torch.bmm(Xva.expand(S, -1, -1), W.transpose(1, 2))  # (S, Nv, C)
-            vl = F.cross_entropy(logits.reshape(-1, C), yva_s, reduction="none").view(S, -1).mean(1).cpu()
+            vl = F.cross_entropy(logits.reshape(-1, C), yva_s, reduction="none").view(S, -1).mean(1).cpu()  # (S,)
         hist.append(vl)
         improved = active & (vl < best)
         if improved.any():
@@ -386,12 +648,22 @@ def metrics(y, P):
     return float(auroc), float(f1)
 
 
-def evaluate(feats, task, cfg, device):
+def summarise_seeds(per_seed):
+    """Mean and sample std (ddof=1) of the seeds' AUROC and F1."""
+    a = np.array([r["auroc"] for r in per_seed])
+    f = np.array([r["f1"] for r in per_seed])
+    sd = lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0   # noqa: E731
+    return {"auroc_mean": float(a.mean()), "auroc_std": sd(a), "f1_mean": float(f.mean()), "f1_std": sd(f)}
+
+
+def evaluate(feats, task, cfg, device, standardize=None):
     """Train the S-seed probe on one task's features -> per-seed metrics and test probabilities."""
+    standardize = cfg.standardize if standardize is None else standardize
     ys = {s: torch.from_numpy(task["splits"][s][1]).to(device) for s in SPLITS}
     X = {s: feats[s].to(device) for s in SPLITS}
-    if cfg.standardize:
-        mu, sd = X["train"].mean(0), X["train"].std(0).clamp_min(1e-6)
+    if standardize:
+        mu = X["train"].mean(0)
+        sd = X["train"].std(0).clamp_min(1e-6)
         X = {s: (x - mu) / sd for s, x in X.items()}
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     probe = train_probe(X["train"], ys["train"], X["val"], ys["val"], len(task["classes"]), seeds, cfg)
@@ -403,52 +675,380 @@ def evaluate(feats, task, cfg, device):
         per_seed.append({"seed": s, "auroc": auroc, "f1": f1, "best_epoch": int(probe["best_epoch"][k]),
                          "stopped_epoch": int(probe["stopped_epoch"][k]),
                          "best_val_loss": float(probe["best_val_loss"][k]), "test_probs": P[k].tolist()})
-    a, f = np.array([r["auroc"] for r in per_seed]), np.array([r["f1"] for r in per_seed])
-    sd = lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0   # noqa: E731
-    return {"auroc_mean": float(a.mean()), "auroc_std": sd(a), "f1_mean": float(f.mean()), "f1_std": sd(f),
-            "seeds": per_seed}
+    return {**summarise_seeds(per_seed), "seeds": per_seed}
+
+# -----------------------------------------------------------------------------
+# statistics over the test items: stratified bootstrap and DeLong's test
+
+
+def one_vs_rest(y, P):
+    """-> [(positives (N,) bool, scores (..., N))] of the AUROC metrics() computes: class 1 on P[..., 1] for two
+    classes, every class on its own column for more (sklearn's macro one-vs-rest). Rows renormalised as there."""
+    P = np.asarray(P, dtype=np.float64)
+    P = P / P.sum(-1, keepdims=True)
+    C = P.shape[-1]
+    return [(np.asarray(y) == c, P[..., c]) for c in ([1] if C == 2 else range(C))]
+
+
+def bootstrap_counts(y, n_boot, seed):
+    """(n_boot, N) multiplicities of the test items in stratified bootstrap resamples: each class keeps its
+    count, its items drawn with replacement (pROC's default for AUROC CIs), from numpy's default_rng(seed)."""
+    y = np.asarray(y)
+    N = len(y)
+    rng = np.random.default_rng(seed)
+    counts = np.zeros(n_boot * N)
+    offset = N * np.arange(n_boot)[:, None]                               # (B, 1): row b's slots in the flat array
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        draw = idx[rng.integers(0, len(idx), size=(n_boot, len(idx)))]    # (B, n_c) item indices
+        counts += np.bincount((draw + offset).ravel(), minlength=n_boot * N)
+    return counts.reshape(n_boot, N)                                      # (B, N)
+
+
+def weighted_auroc(pos, score, w):
+    """AUROC of scores (S, N) for the items pos (N,) against the rest, item i counted w[b, i] times in resample b
+    -> (S, B). Mann-Whitney with ties counting one half, from one sort per row of scores: per group of tied
+    scores, the positive weight times the negative weight strictly below it plus half the tied negative weight."""
+    S = score.shape[0]
+    out = np.empty((S, len(w)))
+    for s in range(S):
+        order = np.argsort(score[s], kind="stable")
+        v = score[s, order]
+        starts = np.flatnonzero(np.r_[True, v[1:] != v[:-1]])            # first sorted item of each tie group
+        wo = w[:, order]                                                  # (B, N) in score order
+        wp = np.add.reduceat(wo * pos[order], starts, axis=1)             # (B, G) positive weight per group
+        wn = np.add.reduceat(wo * ~pos[order], starts, axis=1)            # (B, G) negative weight per group
+        below = np.cumsum(wn, axis=1) - wn                                # (B, G) negatives strictly below
+        out[s] = (wp * (below + 0.5 * wn)).sum(1) / (wp.sum(1) * wn.sum(1))
+    return out
+
+
+def resampled_auroc(y, P, counts):
+    """P (S, N, C) per-seed test probabilities, counts (B, N) -> (S, B) each seed's AUROC on each resample."""
+    return np.mean([weighted_auroc(pos, sc, counts) for pos, sc in one_vs_rest(y, P)], axis=0)
+
+
+def midranks(x):
+    """1-based ranks of x (N,), tied values sharing their mean rank (scipy.stats.rankdata's 'average')."""
+    order = np.argsort(x, kind="mergesort")
+    v = x[order]
+    starts = np.flatnonzero(np.r_[True, v[1:] != v[:-1]])
+    ends = np.r_[starts[1:], len(x)]                                      # group g: sorted positions [start, end)
+    r = np.empty(len(x))
+    r[order] = np.repeat((starts + 1 + ends) / 2, ends - starts)          # mean of the 1-based positions
+    return r
+
+
+def delong_components(pos, score):
+    """DeLong's structural components (DeLong et al. 1988) by Sun & Xu's midrank algorithm (IEEE SPL 21, 2014):
+    V10 (m,) per positive = the fraction of negatives it outranks (ties 1/2), V01 (n,) per negative = the fraction
+    of positives that outrank it; AUROC = mean(V10) = mean(V01)."""
+    x = score[pos]
+    z = score[~pos]
+    m = len(x)
+    n = len(z)
+    tz = midranks(np.concatenate([x, z]))                                 # (m + n,) ranks among all items
+    v10 = (tz[:m] - midranks(x)) / n
+    v01 = 1 - (tz[m:] - midranks(z)) / m
+    return v10, v01
+
+
+def auroc_influence(y, P):
+    """P (N, C) -> (AUROC as metrics(), phi (N,)): each test item's first-order (Hajek) term of the AUROC, from
+    DeLong's structural components. For two classes phi = V10 / m on the positives and V01 / n on the negatives,
+    so influence_var gives DeLong's S10 / m + S01 / n. For C > 2 the macro one-vs-rest mean: class c's AUROC is a
+    two-sample U-statistic of class c against the rest, so an item of class g enters through V10 of problem g
+    (/ n_g) and V01 of every other problem c (/ (N - n_c)), averaged over the C problems."""
+    problems = one_vs_rest(y, P)
+    theta = 0.0
+    phi = np.zeros(len(y))
+    for pos, sc in problems:
+        v10, v01 = delong_components(pos, sc)
+        theta += v10.mean()
+        phi[pos] += v10 / pos.sum()
+        phi[~pos] += v01 / (~pos).sum()
+    return theta / len(problems), phi / len(problems)
+
+
+def influence_var(y, phi):
+    """Variance of a statistic with item terms phi, the classes being independent samples (DeLong): sum over
+    classes g of n_g times the sample variance (ddof=1) of phi over class g."""
+    y = np.asarray(y)
+    return float(sum((y == g).sum() * phi[y == g].var(ddof=1) for g in np.unique(y) if (y == g).sum() > 1))
+
+
+def seed_influence(y, P):
+    """P (S, N, C) -> (mean over seeds of the AUROC, phi (N,)): the seed-mean AUROC is a U-statistic in the same
+    items with the seed-averaged kernel, so its structural components are the seed means of each seed's."""
+    res = [auroc_influence(y, p) for p in P]
+    return float(np.mean([t for t, _ in res])), np.mean([f for _, f in res], axis=0)
+
+
+def delong_test(y, PA, PB):
+    """DeLong's test of two seed-mean AUROCs on the same test items -> (difference A - B, z, two-sided p).
+    A zero variance (the same difference on every item) gives z = None and p = 1 for no difference, else 0."""
+    ta, fa = seed_influence(y, PA)
+    tb, fb = seed_influence(y, PB)
+    delta = ta - tb
+    var = influence_var(y, fa - fb)
+    if var <= 1e-300:
+        return delta, None, 1.0 if abs(delta) < 1e-12 else 0.0
+    z = delta / math.sqrt(var)
+    return delta, z, math.erfc(abs(z) / math.sqrt(2))
+
+
+def percentile_ci(v, level=0.95):
+    """Percentile interval of bootstrap values v (B,)."""
+    lo, hi = np.percentile(v, [50 * (1 - level), 50 * (1 + level)])
+    return [float(lo), float(hi)]
+
+
+def item_statistics(y, probs, trained, twins, pixels, n_boot, seed):
+    """Bootstrap CIs and paired comparisons of one test set.
+
+    y (N,) test labels; probs {key: (S, N, C) per-seed test probabilities}; trained [keys] in table order;
+    twins {trained key: {"own init": key | None, "ViT init": key | None}}; pixels: the raw-pixel key or None.
+    -> ({key: {"auroc": seed-mean AUROC, "ci": [lo, hi]}}, [comparison dicts]). Every encoder is read on the
+    same resamples, so differences are paired."""
+    counts = bootstrap_counts(y, n_boot, seed)                            # (B, N)
+    full = np.ones((1, len(y)))
+    boot = {}
+    stats = {}
+    for key, P in probs.items():
+        boot[key] = resampled_auroc(y, P, counts).mean(0)                 # (B,) the seed mean on each resample
+        stats[key] = {"auroc": float(resampled_auroc(y, P, full).mean()), "ci": percentile_ci(boot[key])}
+    pairs = []
+    for a in trained:
+        for kind in ("own init", "ViT init"):
+            b = twins.get(a, {}).get(kind)
+            if b is not None:
+                pairs.append((a, b, kind))
+        if pixels is not None:
+            pairs.append((a, pixels, "raw pixels"))
+    for i, a in enumerate(trained):
+        pairs += [(a, b, "trained") for b in trained[i + 1:]]
+    comparisons = []
+    for a, b, kind in pairs:
+        if a not in probs or b not in probs:
+            continue
+        delta, z, p = delong_test(y, probs[a], probs[b])
+        comparisons.append({"a": a, "b": b, "kind": kind, "delta": delta, "ci": percentile_ci(boot[a] - boot[b]),
+                            "delong_z": z, "delong_p": p})
+    return stats, comparisons
+
+# -----------------------------------------------------------------------------
+# the paper's reported numbers (Pretext Matters, Table 2: linear probes, mean +- std over 5 seeds, %)
+
+PAPER_TABLE2 = {   # dataset: {method: (AUROC mean, std, F1 mean, std)}
+    "MMOTU": {"MAE": (78.43, 0.12, 38.04, 1.4), "DINOv3": (84.57, 0.07, 50.31, 0.65),
+              "I-JEPA": (82.59, 0.06, 42.03, 0.58)},
+    "AUL": {"MAE": (81.86, 0.21, 62.52, 2.1), "DINOv3": (86.77, 0.23, 66.33, 0.52),
+            "I-JEPA": (86.47, 0.21, 64.71, 0.81)},
+    "TN5000": {"MAE": (69.88, 0.2, 58.25, 2.2), "DINOv3": (72.36, 0.42, 63.34, 1.5),
+               "I-JEPA": (75.60, 0.12, 65.83, 1.6)},
+    "Fatty Liver": {"MAE": (65.89, 0.6, 50.76, 5.7), "DINOv3": (86.66, 1.5, 64.06, 1.7),
+                    "I-JEPA": (98.70, 0.26, 92.80, 1.2)},
+    "POCUS": {"MAE": (96.12, 0.19, 91.01, 0.11), "DINOv3": (99.49, 0.07, 94.00, 0.19),
+              "I-JEPA": (97.18, 0.06, 90.48, 0.52)},
+    "BUTTERFLY": {"MAE": (98.96, 0.11, 88.34, 0.98), "DINOv3": (99.66, 0.03, 90.94, 0.27),
+                  "I-JEPA": (99.71, 0.01, 93.15, 0.35)},
+    "GBCU": {"MAE": (66.23, 0.18, 48.48, 1.1), "DINOv3": (80.00, 0.55, 64.45, 1.7),
+             "I-JEPA": (77.80, 0.28, 59.22, 3.7)},
+    "BUSBRA": {"MAE": (76.63, 0.2, 67.30, 2.4), "DINOv3": (77.92, 0.36, 71.51, 1.0),
+               "I-JEPA": (76.78, 0.07, 67.35, 0.24)},
+}
+# normalised task-name prefixes -> the paper's dataset (UltraBench folder names, the synthetic `fatty` task)
+PAPER_TABLE2_ALIASES = {"mmotu": "MMOTU", "aul": "AUL", "tn5000": "TN5000", "fatty": "Fatty Liver",
+                        "pocus": "POCUS", "butterfly": "BUTTERFLY", "gbcu": "GBCU", "busbra": "BUSBRA"}
+
+
+def paper_matches(names, aliases):
+    """{task name: paper dataset} for the task names whose lowercase alphanumerics start with an alias."""
+    out = {}
+    for n in names:
+        norm = re.sub(r"[^a-z0-9]", "", n.lower())
+        for a in sorted(aliases, key=len, reverse=True):
+            if norm.startswith(a):
+                out[n] = aliases[a]
+                break
+    return out
+
+
+def paper_table(table, rows, matches, title, digits):
+    """The paper's reported numbers for `rows` (its dataset names), text and Markdown."""
+    methods = ["MAE", "DINOv3", "I-JEPA"]
+    mine = {v: k for k, v in matches.items()}
+    cells = []
+    for r in rows:
+        cell = []
+        for m in methods:
+            a, sa, f, sf = table[r][m]
+            cell.append([f"{a:.{digits}f}±{sa:g}", f"{f:.{digits}f}±{sf:g}"])
+        name = f"{r} (ours: {mine[r]})" if r in mine else r
+        cells.append((name, cell))
+    return grid_table(title, "Dataset", methods, ["AUROC (%)", "F1 (%)"], cells)
 
 # -----------------------------------------------------------------------------
 # reporting
 
 
-def fmt(m, s):
-    return f"{100 * m:.2f}±{100 * s:.2f}"
+def grid_table(title, corner, groups, subcols, rows, notes=()):
+    """A table whose columns come in groups (one per task, or per method) of sub-columns, as text and Markdown.
+    rows: [(row label, [[cell per sub-column] per group])]; a label starting with spaces is a sub-row."""
+    w = [len(s) for s in subcols]
+    for _, cells in rows:
+        for cg in cells:
+            for j, c in enumerate(cg):
+                w[j] = max(w[j], len(c))
+    inner = sum(w) + 2 * (len(subcols) - 1)
+    gw = max([inner] + [len(g) for g in groups])
+    w[0] += gw - inner                                  # a long group name widens its first sub-column
+    w0 = max([len(corner)] + [len(label) for label, _ in rows])
 
+    def line(label, cells):
+        return f"{label:<{w0}} | " + " | ".join("  ".join(f"{c:>{w[j]}}" for j, c in enumerate(cg)) for cg in cells)
 
-def table(tasks, labels, results):
-    """Plain-text table shaped like the paper's Table 2, and the same as Markdown."""
-    w0 = max(7, *(len(t) for t in tasks))
-    cells = {(t, l): (fmt(r["auroc_mean"], r["auroc_std"]), fmt(r["f1_mean"], r["f1_std"]))
-             for t in tasks for l in labels if (r := results.get(t, {}).get(l))}
-    w = max([12] + [len(c) for v in cells.values() for c in v])
-    group = [f"{l:^{2 * w + 2}.{2 * w + 2}}" for l in labels]
-    lines = [f"{'':{w0}}   " + " | ".join(group),
-             f"{'Dataset':{w0}}   " + " | ".join(f"{'AUROC (%)':>{w}}  {'F1 (%)':>{w}}" for _ in labels)]
-    lines.append("-" * len(lines[1]))
-    for t in tasks:
-        row = [cells.get((t, l), ("-", "-")) for l in labels]
-        lines.append(f"{t:{w0}}   " + " | ".join(f"{a:>{w}}  {f:>{w}}" for a, f in row))
-    md = ["| Dataset | " + " | ".join(f"{l} AUROC (%) | {l} F1 (%)" for l in labels) + " |",
-          "|---|" + "---:|" * (2 * len(labels))]
-    for t in tasks:
-        md.append(f"| {t} | " + " | ".join(" | ".join(cells.get((t, l), ("-", "-"))) for l in labels) + " |")
+    sub = line(corner, [subcols] * len(groups))
+    lines = [title, f"{'':{w0}} | " + " | ".join(f"{g:^{gw}}" for g in groups), sub, "-" * len(sub)]
+    lines += [line(label, cells) for label, cells in rows]
+    lines += [f"  {n}" for n in notes]
+    md = [f"**{title}**", "", f"| {corner} | " + " | ".join(f"{g} {s}" for g in groups for s in subcols) + " |",
+          "|---|" + "---:|" * (len(groups) * len(subcols))]
+    for label, cells in rows:
+        name = label if label == label.lstrip() else "&nbsp;&nbsp;" + label.strip()
+        md.append(f"| {name} | " + " | ".join(c for cg in cells for c in cg) + " |")
+    md += [""] + [f"- {n}" for n in notes] if notes else []
     return "\n".join(lines), "\n".join(md) + "\n"
 
 
-def checkpoint_labels(ckpts):
-    """Column-group names: the method, with the run folder when two checkpoints share a method."""
-    methods = [c["meta"]["method"] for c in ckpts]
-    labels = []
-    for c, m in zip(ckpts, methods):
-        name = m
-        if methods.count(m) > 1:
-            name = f"{m} ({os.path.basename(os.path.dirname(os.path.abspath(c['path']))) or c['path']})"
-        labels.append(name)
-    for i, l in enumerate(labels):              # still equal (same folder): fall back to the file name
-        if labels.count(l) > 1:
-            labels[i] = f"{methods[i]} ({os.path.basename(ckpts[i]['path'])})"
-    return labels
+def fmt_ci(m, ci, digits):
+    return f"{100 * m:.{digits}f} [{100 * ci[0]:.{digits}f}, {100 * ci[1]:.{digits}f}]"
+
+
+def fmt_sd(m, s, digits):
+    return f"{100 * m:.{digits}f}±{100 * s:.{digits}f}"
+
+
+def fmt_p(p):
+    if p is None or not np.isfinite(p):
+        return "-"
+    return f"{p:.2g}" if p >= 1e-300 else "<1e-300"
+
+
+def encoder_rows(encoders, n_groups, cell, n_sub):
+    """Table rows in reading order: each trained encoder, its twins indented under it, then the raw pixels.
+    cell(key, group index) -> [cells] or None (not evaluated there) -> (rows, notes on absent twins)."""
+    def cells(key):
+        return [cell(key, g) or ["-"] * n_sub for g in range(n_groups)]
+
+    rows = []
+    notes = []
+    for k, e in encoders.items():
+        if e["kind"] != "trained":
+            continue
+        rows.append((e["label"], cells(k)))
+        twins = e.get("twins", {})
+        for kind in ("own init", "ViT init"):
+            if twins.get(kind) is not None:
+                rows.append((f"  {kind}", cells(twins[kind])))
+            elif kind in twins.get("missing", {}):
+                rows.append((f"  {kind}", [["absent"] + ["-"] * (n_sub - 1)] * n_groups))
+                notes.append(f"{e['label']} {kind} absent: {twins['missing'][kind]}")
+    rows += [(e["label"], cells(k)) for k, e in encoders.items() if e["kind"] == "raw pixels"]
+    return rows, notes
+
+
+def comparison_table(encoders, groups, comparisons, items, digits):
+    """The paired comparisons: comparisons[g] = item_statistics' list of the test set of group g; rows = (A, B)."""
+    order = []
+    cells = {}
+    for g, comps in zip(groups, comparisons):
+        for c in comps:
+            key = (c["a"], c["b"])
+            if key not in cells:
+                order.append(key)
+                cells[key] = {}
+            lo, hi = (100 * v for v in c["ci"])
+            cells[key][g] = [f"{100 * c['delta']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]",
+                             fmt_p(c["delong_p"])]
+    rows = []
+    for a, b in order:
+        kind = encoders[b]["kind"]
+        other = kind if kind in ("own init", "ViT init") else encoders[b]["label"]
+        rows.append((f"{encoders[a]['label']} - {other}", [cells[(a, b)].get(g, ["-", "-"]) for g in groups]))
+    title = (f"Paired comparisons on the same test {items}: AUROC difference A - B (points) [paired 95% bootstrap "
+             f"CI, the same resamples for A and B], DeLong two-sided p")
+    return grid_table(title, "A - B", groups, ["ΔAUROC [95% CI]", "DeLong p"], rows)
+
+
+def probe_tables(doc):
+    """Every CI and comparison recomputed from the probabilities in results.json (stored back into it) -> the
+    encoder table and the comparison table, as text and Markdown."""
+    enc = doc["encoders"]
+    tasks = list(doc["tasks"])
+    boot = doc["bootstrap"]
+    for name in tasks:
+        t = doc["tasks"][name]
+        probs = {k: np.array([s["test_probs"] for s in r["seeds"]]) for k, r in t["results"].items()}   # (S, N, C)
+        trained = [k for k in enc if enc[k]["kind"] == "trained" and k in probs]
+        twins = {k: enc[k].get("twins", {}) for k in trained}
+        pixels = next((k for k in probs if enc[k]["kind"] == "raw pixels"), None)
+        t["statistics"], t["comparisons"] = item_statistics(np.array(t["test_labels"]), probs, trained, twins, pixels,
+                                                            boot["resamples"], boot["seed"])
+    groups = [f"{n} (test n={len(doc['tasks'][n]['test_labels'])})" for n in tasks]
+
+    def cell(k, g):
+        t = doc["tasks"][tasks[g]]
+        if k not in t["results"]:
+            return None
+        r = t["results"][k]
+        return [fmt_ci(t["statistics"][k]["auroc"], t["statistics"][k]["ci"], 2), fmt_sd(r["f1_mean"], r["f1_std"], 2)]
+
+    rows, notes = encoder_rows(enc, len(tasks), cell, 2)
+    title = (f"Linear probe on frozen features (Table 2 protocol), test split, {doc['protocol']['seeds']} seeds. "
+             f"AUROC (%): mean over seeds [95% CI: stratified bootstrap over the test frames, {boot['resamples']} "
+             f"resamples]; F1 (%): macro, mean±std over seeds")
+    t1, m1 = grid_table(title, "encoder", groups, ["AUROC (%) [95% CI]", "F1 (%)"], rows, notes)
+    t2, m2 = comparison_table(enc, groups, [doc["tasks"][n]["comparisons"] for n in tasks], "frames", 2)
+    return f"{t1}\n\n{t2}", f"{m1}\n{m2}"
+
+
+def load_results(path, fmt, protocol, what):
+    """The results.json already in OUT, checked against this run before any compute; None if there is none.
+    Anything that cannot be added to is refused, and the file is left as it is."""
+    if not os.path.exists(path):
+        return None
+    keep = "it is kept as it is: choose another --out (or move the file away)"
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable ({e}); {keep}") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise ValueError(f"{path}: not a {fmt} file (written by an earlier version?); {keep}")
+    old = doc.get("protocol", {})
+    diff = [f"{k} {old.get(k)!r} there, {protocol[k]!r} now" for k in protocol if old.get(k) != protocol[k]]
+    if diff:
+        raise ValueError(f"{path}: holds {what} made with other settings ({'; '.join(diff)}); results are only "
+                         f"added to under the same settings: {keep}")
+    return doc
+
+
+def write_atomic(path, text):
+    with open(f"{path}.tmp", "w") as f:
+        f.write(text)
+    os.replace(f"{path}.tmp", path)
+
+
+def add_encoder(doc, enc):
+    """Register an encoder in results.json under its key, its label unique among the encoders already there."""
+    old = doc["encoders"].get(enc["key"])
+    if old is not None:
+        enc["label"] = old["label"]
+        if "twins" in enc:                           # the twins found now replace those recorded before
+            old["twins"] = enc["twins"]
+        return
+    doc["encoders"][enc["key"]] = encoder_record(enc)
 
 
 def main(cfg):
@@ -457,58 +1057,123 @@ def main(cfg):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     # everything that can be wrong with the inputs is checked before any compute
-    ckpts = []
-    for p in cfg.ckpts:
-        _, meta = vit.load_checkpoint(p)          # clear error for files that are not pretext checkpoints
-        ckpts.append({"path": p, "meta": meta, "sha256": sha256_file(p)})
+    ckpts = [read_checkpoint(p) for p in cfg.ckpts]
+    for c in ckpts:
+        c["key"] = c["sha256"]
     tasks = [t for d in cfg.data for t in read_tasks(d)]
     seen = {}
     for t in tasks:                              # unique task names (two CSVs with a `fatty` column ...)
         seen[t["name"]] = seen.get(t["name"], 0) + 1
         if seen[t["name"]] > 1:
             t["name"] = f"{t['name']}_{seen[t['name']]}"
-    labels = checkpoint_labels(ckpts)
-    names = [t["name"] for t in tasks]
-    print(f"{len(ckpts)} checkpoint(s) x {len(tasks)} task(s) on {device}; probe: Adam lr {cfg.lr}, batch "
-          f"{cfg.batch_size}, <= {cfg.epochs} epochs, patience {cfg.patience}, {cfg.seeds} seeds")
+    for t in tasks:
+        t["fingerprint"] = task_fingerprint(t)
+    protocol = {**{k: getattr(cfg, k) for k in PROTOCOL}, "features_version": FEATURES_VERSION}
+    res_path = os.path.join(cfg.out, "results.json")
+    doc = load_results(res_path, RESULTS_FORMAT, protocol, "probe results")
+    if doc is not None:
+        for t in tasks:
+            old = doc["tasks"].get(t["name"])
+            if old is not None and old["fingerprint"] != t["fingerprint"]:
+                raise ValueError(f"{res_path}: task {t['name']!r} there was evaluated on other images or labels "
+                                 f"({old['where']}); it is kept as it is: choose another --out or rename the task")
+    else:
+        doc = {"format": RESULTS_FORMAT, "protocol": protocol, "encoders": {}, "tasks": {}}
+    doc["protocol"].update(optimizer="Adam", auroc="binary on P[:,1]; macro one-vs-rest", f1="macro",
+                           std="sample std over seeds (ddof=1)")
+    doc["bootstrap"] = {"resamples": cfg.boot, "seed": cfg.boot_seed, "method": "stratified by class, percentile "
+                        "95% interval of the seed-mean AUROC; counts = bootstrap_counts(test_labels, resamples, seed)"}
+    taken = {e["label"] for k, e in doc["encoders"].items() if e["kind"] == "trained"}
+    new = [c for c in ckpts if c["key"] not in doc["encoders"]]
+    for c, lab in zip(new, checkpoint_labels(new, taken)):
+        c["label"] = lab
+    for c in ckpts:
+        if c["key"] in doc["encoders"]:
+            c["label"] = doc["encoders"][c["key"]]["label"]
+    # the controls: each checkpoint's twins, one raw-pixel baseline per task
+    encoders = []
+    notes = []
+    for c in ckpts:
+        encoders.append(c)
+        if not cfg.controls:
+            continue
+        c["twins"] = {"own init": None, "ViT init": None, "missing": {}}
+        own, why = own_init_twin(c)
+        if own is None:
+            c["twins"]["missing"]["own init"] = why
+            notes.append(f"{c['label']}: own-init twin absent ({why})")
+        else:
+            own["label"] = f"{c['label']} own init"
+            c["twins"]["own init"] = own["key"]
+            encoders.append(own)
+        twin = vit_init_twin(c, cfg.twin_seed)
+        twin["label"] = f"{c['label']} ViT init"
+        c["twins"]["ViT init"] = twin["key"]
+        encoders.append(twin)
+    pixels = None
+    if cfg.controls:
+        pixels = pixel_encoder(1 if all(c["meta"]["in_chans"] == 1 for c in ckpts) else 3, cfg.pixel_grid)
+        encoders.append(pixels)
+    unique = {}
+    for e in encoders:                           # twins shared by several checkpoints are evaluated once
+        unique.setdefault(e["key"], e)
+    for e in unique.values():
+        add_encoder(doc, e)
+    print(f"{len(ckpts)} checkpoint(s) x {len(tasks)} task(s) on {device}"
+          + (f", with {len(unique) - len(ckpts)} control encoder(s)" if cfg.controls else ", no controls")
+          + f"; probe: Adam lr {cfg.lr}, batch {cfg.batch_size}, <= {cfg.epochs} epochs, patience {cfg.patience}, "
+          f"{cfg.seeds} seeds")
+    for n in notes:
+        print(f"  note: {n}")
     for t in tasks:
         n = {s: len(t["splits"][s][0]) for s in SPLITS}
         print(f"  {t['name']}: {len(t['classes'])} classes {t['classes']}, train/val/test {n['train']}/"
               f"{n['val']}/{n['test']}  ({t['where']})")
+        if t["name"] not in doc["tasks"]:
+            doc["tasks"][t["name"]] = {"where": t["where"], "classes": t["classes"], "fingerprint": t["fingerprint"],
+                                       "n": n, "test_paths": t["splits"]["test"][0],
+                                       "test_labels": t["splits"]["test"][1].tolist(), "results": {}}
     os.makedirs(cfg.out, exist_ok=True)
-    results = {t: {} for t in names}
-    doc = {"protocol": {**asdict(cfg), "optimizer": "Adam", "auroc": "binary on P[:,1]; macro one-vs-rest",
-                        "f1": "macro", "std": "sample std over seeds (ddof=1)"},
-           "checkpoints": [{"label": l, "path": os.path.abspath(c["path"]), "sha256": c["sha256"],
-                            **{k: c["meta"][k] for k in ("method", "pool", "img_size", "in_chans", "mean", "std")}}
-                           for l, c in zip(labels, ckpts)],
-           "tasks": {t["name"]: {"where": t["where"], "classes": t["classes"],
-                                 "n": {s: len(t["splits"][s][0]) for s in SPLITS},
-                                 "test_paths": t["splits"]["test"][0],
-                                 "test_labels": t["splits"]["test"][1].tolist(), "results": results[t["name"]]}
-                     for t in tasks}}
-    for ck, label in zip(ckpts, labels):
+    decoded = Decoded(cfg)
+    for e in unique.values():
+        label = doc["encoders"][e["key"]]["label"]
+        todo = []
         for t in tasks:
-            t0 = time.time()
-            feats, cached = task_features(ck, t, cfg, device)
+            r = doc["tasks"][t["name"]]["results"].get(e["key"])
+            if r is None:
+                todo.append(t)
+                continue
+            print(f"{label:>24} | {t['name']}: AUROC {fmt_sd(r['auroc_mean'], r['auroc_std'], 2)}  "
+                  f"(kept from an earlier run in {cfg.out})")
+        t0 = time.time()
+        feats = encoder_features(e, todo, cfg, device, decoded)
+        took = f"{time.time() - t0:.1f}s for {len(todo)} task(s)"
+        for t in todo:
+            results = doc["tasks"][t["name"]]["results"]
             t1 = time.time()
-            results[t["name"]][label] = r = evaluate(feats, t, cfg, device)
+            r = evaluate(feats[t["name"]][0], t, cfg, device, standardize=True if e["kind"] == "raw pixels" else None)
+            results[e["key"]] = r
             ep = [s["best_epoch"] for s in r["seeds"]]
-            took = "cached" if cached else f"{t1 - t0:.1f}s"
-            print(f"{label:>12} | {t['name']}: AUROC {fmt(r['auroc_mean'], r['auroc_std'])}  F1 "
-                  f"{fmt(r['f1_mean'], r['f1_std'])}  best epochs {ep}  (features {took}, "
-                  f"probe {time.time() - t1:.1f}s)")
-            tmp = os.path.join(cfg.out, "results.json.tmp")
-            with open(tmp, "w") as f:
-                json.dump(doc, f)
-            os.replace(tmp, os.path.join(cfg.out, "results.json"))
-        ck.pop("model", None)
-    text, md = table(names, labels, results)
-    print(f"\nLinear probe on frozen features, test split, mean±std over {cfg.seeds} seeds (%; F1 = macro)\n{text}")
-    with open(os.path.join(cfg.out, "table.md"), "w") as f:
-        f.write(md)
-    print(f"\n{os.path.join(cfg.out, 'results.json')} (per-seed metrics, test probabilities), "
-          f"{os.path.join(cfg.out, 'table.md')}")
+            print(f"{label:>24} | {t['name']}: AUROC {fmt_sd(r['auroc_mean'], r['auroc_std'], 2)}  F1 "
+                  f"{fmt_sd(r['f1_mean'], r['f1_std'], 2)}  best epochs {ep}  (features "
+                  f"{'cached' if feats[t['name']][1] else took}, probe {time.time() - t1:.1f}s)")
+            write_atomic(res_path, json.dumps(doc, allow_nan=False))
+        e.pop("model", None)
+    t0 = time.time()
+    text, md = probe_tables(doc)
+    took = time.time() - t0
+    matches = paper_matches(list(doc["tasks"]), PAPER_TABLE2_ALIASES)
+    rows = list(PAPER_TABLE2) if cfg.paper else [d for d in PAPER_TABLE2 if d in matches.values()]
+    if rows:
+        pt, pm = paper_table(PAPER_TABLE2, rows, matches, "Reported in Pretext Matters, Table 2 (linear probes, "
+                             "ViT-S/16 on the real data sets, mean±std over 5 seeds, %)", 2)
+        text = f"{text}\n\n{pt}"
+        md = f"{md}\n{pm}"
+    write_atomic(res_path, json.dumps(doc, allow_nan=False))
+    write_atomic(os.path.join(cfg.out, "table.md"), md)
+    print(f"\n{text}")
+    print(f"\n{res_path} (every encoder and task evaluated into {cfg.out}: per-seed metrics and test "
+          f"probabilities), {os.path.join(cfg.out, 'table.md')}; statistics {took:.1f}s")
     return doc
 
 # -----------------------------------------------------------------------------
@@ -520,10 +1185,12 @@ def benchmark(n=5000, dim=384, classes=2, seeds=5, epochs=300, device="cpu"):
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, classes, (n,), generator=g)
     X = torch.randn(n, dim, generator=g) + 0.3 * torch.randn(classes, dim, generator=g)[y]
-    X, y = X.to(device), y.to(device)
-    a, b = int(0.7 * n), int(0.8 * n)
+    X = X.to(device)
+    y = y.to(device)
+    a = int(0.7 * n)
+    b = int(0.8 * n)
     cfg = Config(epochs=epochs, patience=epochs + 1, seeds=seeds)
-    if device != "cpu" and str(device).startswith("cuda"):
+    if str(device).startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.time()
     probe = train_probe(X[:a], y[:a], X[a:b], y[a:b], classes, list(range(seeds)), cfg)
@@ -548,4 +1215,4 @@ if __name__ == "__main__":
     try:
         main(cfg)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"probe.py: error: {e}")

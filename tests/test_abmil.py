@@ -13,6 +13,7 @@ from PIL import Image
 from sklearn.metrics import f1_score, roc_auc_score
 
 import abmil
+import probe
 import vit
 from prep import wsi
 from prep.synthetic import make_slides
@@ -103,7 +104,8 @@ def data(tmp_path_factory):
     rows = list(csv.DictReader(open(d / "slides" / "slides.csv")))
     n = {r["slide"]: len(np.load(d / "patches" / r["slide"].split(".")[0] / "coords.npy")) for r in rows}
     # every class in every split, whatever tissue the generator drew: split the tiled slides by hand, by patient
-    by_label, seen = {}, set()
+    by_label = {}
+    seen = set()
     for r in rows:
         if n[r["slide"]] and r["patient"] not in seen:
             seen.add(r["patient"])
@@ -118,24 +120,33 @@ def data(tmp_path_factory):
     torch.manual_seed(0)
     ck = {}
     for method, pool, cls in (("mae", "cls", True), ("ijepa", "mean", False)):
-        ck[method] = str(d / f"{method}.safetensors")
+        ck[method] = str(d / method / "ckpt.safetensors")
         vit.save_checkpoint(ck[method], vit.vit_tiny(img_size=32, depth=2, cls_token=cls), method=method, pool=pool,
                             mean=[0.7, 0.5, 0.6], std=[0.2, 0.25, 0.2])
+    # MAE's run folder also holds its step-0 encoder (init.safetensors), I-JEPA's does not
+    vit.save_checkpoint(str(d / "mae" / "init.safetensors"), vit.vit_tiny(img_size=32, depth=2), method="mae",
+                        pool="cls", mean=[0.7, 0.5, 0.6], std=[0.2, 0.25, 0.2])
     return d, ck
 
 
-def run(d, ck, out, *extra):
-    argv = [ck["mae"], ck["ijepa"], "--patches", str(d / "patches"), "--splits", str(d / "splits.csv"),
+def run(d, ck, out, *extra, names=("mae", "ijepa")):
+    argv = [*(ck[n] for n in names), "--patches", str(d / "patches"), "--splits", str(d / "splits.csv"),
             "--out", str(d / out), "--img-size", "32", "--seeds", "2", "--epochs", "3", "--topk", "3",
-            "--hidden", "32", "--attn-dim", "16", *extra]
+            "--hidden", "32", "--attn-dim", "16", "--boot", "200", *extra]
     return abmil.main(abmil.parse_args(argv))
+
+
+def by_label(doc):
+    return {e["label"]: k for k, e in doc["encoders"].items()}
 
 
 def test_pipeline_metrics_cache_and_topk(data):
     d, ck = data
-    doc = run(d, ck, "run")
-    assert [r["label"] for r in doc["results"]] == ["MAE", "I-JEPA"]
-    for res in doc["results"]:
+    doc = run(d, ck, "run", "--no-controls")
+    lab = by_label(doc)
+    assert list(lab) == ["MAE", "I-JEPA"] and list(doc["results"]) == [lab["MAE"], lab["I-JEPA"]]
+    assert lab["MAE"] == probe.sha256_file(ck["mae"])                       # keyed by the checkpoint's hash
+    for key, res in doc["results"].items():
         runs = []
         for s in (0, 1):
             rec = json.load(open(os.path.join(res["dir"], f"seed{s}.json")))
@@ -143,16 +154,22 @@ def test_pipeline_metrics_cache_and_topk(data):
             assert len(y) == doc["n_bags"]["test"] and P.shape == (len(y), 2)
             assert rec["auroc"] == pytest.approx(roc_auc_score(y, P[:, 1]))  # recomputed from the saved file
             assert rec["f1"] == pytest.approx(f1_score(y, P.argmax(1), average="macro"))
+            assert rec["test_probs"] == res["seeds"][s]["test_probs"]       # results.json holds them too
             runs.append(rec)
         a = np.array([r["auroc"] for r in runs])
         assert res["auroc_mean"] == pytest.approx(a.mean()) and res["auroc_std"] == pytest.approx(a.std(ddof=1))
+        st = doc["statistics"][key]                                         # the bootstrap over the test bags
+        assert st["auroc"] == pytest.approx(a.mean()) and st["ci"][0] <= st["auroc"] <= st["ci"][1]
+    (c,) = doc["comparisons"]
+    assert (c["a"], c["b"], c["kind"]) == (lab["MAE"], lab["I-JEPA"], "trained")
     table = open(d / "run" / "table.md").read()
-    assert "MAE AUROC (%)" in table and "I-JEPA F1 (%)" in table and f"| {d.name} |" in table
+    assert f"| encoder | {d.name} (test n={doc['n_bags']['test']} slides) AUROC (%) [95% CI] |" in table
+    assert "| MAE | " in table and "| I-JEPA | " in table and "| MAE - I-JEPA | " in table
 
     # cached features = the encoder on the stored patches, resized to 32 and standardised with the meta
-    res = doc["results"][0]
-    sid = sorted(os.listdir(d / "patches"))[0]
-    z = np.load(d / "run" / "features" / f"{res['sha256'][:16]}-32px" / f"{sid}.npz")
+    res = doc["results"][lab["MAE"]]
+    sid = sorted(s for s in os.listdir(d / "patches") if s != "summary.json")[0]
+    z = np.load(d / "run" / "features" / f"{lab['MAE'][:16]}-32px" / f"{sid}.npz")
     patches = np.load(d / "patches" / sid / "patches.npy")
     x = torch.from_numpy(patches).permute(0, 3, 1, 2).float() / 255
     x = F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
@@ -173,24 +190,101 @@ def test_pipeline_metrics_cache_and_topk(data):
             np.testing.assert_array_equal(img, np.load(d / "patches" / r["slide"] / "patches.npy")[r["row"]])
             assert [r["x"], r["y"]] == np.load(d / "patches" / r["slide"] / "coords.npy")[r["row"]].tolist()
 
-    # a rerun reads the cache (files untouched) and reproduces every number
-    f = d / "run" / "features" / f"{res['sha256'][:16]}-32px" / f"{sid}.npz"
+    # a rerun keeps the stored results; without results.json it reads the feature cache (files untouched) and
+    # reproduces every number
+    again = run(d, ck, "run", "--no-controls")
+    assert again["results"] == doc["results"]
+    f = d / "run" / "features" / f"{lab['MAE'][:16]}-32px" / f"{sid}.npz"
     stamp = os.stat(f).st_mtime_ns
-    doc2 = run(d, ck, "run")
+    os.remove(d / "run" / "results.json")
+    doc2 = run(d, ck, "run", "--no-controls")
     assert os.stat(f).st_mtime_ns == stamp
-    assert [r["seeds"] for r in doc2["results"]] == [r["seeds"] for r in doc["results"]]
+    assert [r["seeds"] for r in doc2["results"].values()] == [r["seeds"] for r in doc["results"].values()]
+
+
+def test_controls_twins_and_raw_pixels(data, capsys):
+    d, ck = data
+    doc = run(d, ck, "controls", "--topk", "0")
+    out = capsys.readouterr().out
+    lab = by_label(doc)
+    assert set(lab) == {"MAE", "MAE own init", "MAE ViT init", "I-JEPA", "I-JEPA ViT init", "raw pixels (16x16 RGB)"}
+    assert lab["MAE own init"] == probe.sha256_file(str(d / "mae" / "init.safetensors"))
+    assert "I-JEPA own init absent: no " in out and "init.safetensors" in out
+    kinds = {(c["a"], c["b"], c["kind"]) for c in doc["comparisons"]}
+    assert kinds == {(lab["MAE"], lab["MAE own init"], "own init"), (lab["MAE"], lab["MAE ViT init"], "ViT init"),
+                     (lab["MAE"], lab["raw pixels (16x16 RGB)"], "raw pixels"),
+                     (lab["I-JEPA"], lab["I-JEPA ViT init"], "ViT init"),
+                     (lab["I-JEPA"], lab["raw pixels (16x16 RGB)"], "raw pixels"),
+                     (lab["MAE"], lab["I-JEPA"], "trained")}
+    table = open(d / "controls" / "table.md").read()
+    assert "| &nbsp;&nbsp;own init | absent | - |" in table and "| MAE - own init | " in table
+    sid = sorted(s for s in os.listdir(d / "patches") if s != "summary.json")[0]
+    x = torch.from_numpy(np.load(d / "patches" / sid / "patches.npy")).permute(0, 3, 1, 2).float() / 255
+
+    def cached(key, px):
+        return np.load(d / "controls" / "features" / f"{doc['encoders'][key]['sha256'][:16]}-{px}px" / f"{sid}.npz")
+
+    # ViT init: vit.ViT of the checkpoint's config under torch seed 0, the checkpoint's pooling (mean) and mean/std
+    torch.manual_seed(0)
+    twin = vit.ViT(vit.config_from_meta(vit.load_checkpoint(ck["ijepa"])[1])).eval()
+    x32 = F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        ref = twin((x32 - torch.tensor([0.7, 0.5, 0.6]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.2]).view(
+            1, 3, 1, 1))[:, twin.num_prefix:].mean(1)
+    np.testing.assert_allclose(cached(lab["I-JEPA ViT init"], 32)["features"], ref.numpy(), rtol=1e-4, atol=1e-5)
+    # raw pixels: the patch at 16 x 16, flattened, in [0, 1] (z-scored with the train bags before ABMIL)
+    x16 = F.interpolate(x, size=(16, 16), mode="bilinear", antialias=True, align_corners=False).flatten(1)
+    np.testing.assert_allclose(cached(lab["raw pixels (16x16 RGB)"], 16)["features"], x16.numpy(), atol=1e-6)
+
+
+def test_never_overwrites_earlier_results(data, capsys):
+    """A second evaluation into the same --out adds to results.json (keyed by checkpoint hash); one that cannot be
+    added (other ABMIL settings, another data set, a foreign file) is refused, the file untouched."""
+    d, ck = data
+    first = run(d, ck, "keep", "--no-controls", "--topk", "0", names=("mae",))
+    mae = by_label(first)["MAE"]
+    second = run(d, ck, "keep", "--no-controls", "--topk", "0", names=("ijepa",))
+    saved = json.load(open(d / "keep" / "results.json"))
+    assert saved["results"][mae] == first["results"][mae]
+    assert set(saved["results"]) == {mae, by_label(second)["I-JEPA"]}
+    table = open(d / "keep" / "table.md").read()
+    assert "| MAE | " in table and "| I-JEPA | " in table and "| MAE - I-JEPA | " in table
+    before = (d / "keep" / "results.json").read_bytes()
+    with pytest.raises(ValueError, match=r"other settings \(epochs 3 there, 4 now\).*another --out"):
+        run(d, ck, "keep", "--no-controls", "--epochs", "4", names=("mae",))
+    with pytest.raises(ValueError, match="another data set"):
+        run(d, ck, "keep", "--no-controls", "--bag", "patient", names=("mae",))
+    assert (d / "keep" / "results.json").read_bytes() == before
+    (d / "keep" / "results.json").write_text("[]")
+    with pytest.raises(ValueError, match="not a pretext-abmil-2 file"):
+        run(d, ck, "keep", "--no-controls", names=("mae",))
+    assert (d / "keep" / "results.json").read_text() == "[]"
+    with pytest.raises(SystemExit):
+        abmil.parse_args([ck["mae"], "--patches", "p", "--splits", "s.csv", "--seeds", "0"])
+
+
+def test_paper_numbers_beside_a_matching_data_set(data, capsys):
+    d, ck = data
+    run(d, ck, "paper", "--no-controls", "--topk", "0", "--name", "CPTAC-Lung", "--seeds", "1", names=("mae",))
+    out = capsys.readouterr().out
+    assert "Pretext Matters, Table 3" in out and "CPTAC-Lung (ours: CPTAC-Lung)" in out and "91.4±1" in out
+    assert "PANDA" not in out
+    run(d, ck, "paper2", "--no-controls", "--topk", "0", "--paper", "--seeds", "1", names=("mae",))
+    out = capsys.readouterr().out
+    assert all(n in out for n in abmil.PAPER_TABLE3) and "64.0±0.6" in out
 
 
 def test_max_patches_same_subset_for_every_checkpoint(data):
     d, ck = data
-    doc = run(d, ck, "capped", "--max-patches", "12", "--seeds", "1", "--topk", "0", "--bag", "patient")
+    doc = run(d, ck, "capped", "--max-patches", "12", "--seeds", "1", "--topk", "0", "--bag", "patient",
+              "--no-controls")
     assert doc["n_patches"] < doc["n_patches_tiled"]
     rows = list(csv.DictReader(open(d / "splits.csv")))
     tiled = [r for r in rows if len(np.load(d / "patches" / r["slide"].split(".")[0] / "coords.npy"))]
     assert sum(doc["n_bags"].values()) == len({r["patient"] for r in tiled}) < len(tiled)   # one bag per patient
     subsets = []
-    for res in doc["results"]:
-        fd = d / "capped" / "features" / f"{res['sha256'][:16]}-32px"
+    for key in doc["results"]:
+        fd = d / "capped" / "features" / f"{key[:16]}-32px"
         subsets.append({f: np.load(fd / f)["idx"].tolist() for f in sorted(os.listdir(fd))})
     assert subsets[0] == subsets[1]                                         # same patches for MAE and I-JEPA
     assert sum(map(len, subsets[0].values())) == doc["n_patches"] <= 12 + len(subsets[0])
@@ -238,32 +332,28 @@ def test_bad_inputs_are_refused_with_the_file_and_the_fix(data, tmp_path):
         abmil.main(abmil.parse_args([ck["mae"], "--splits", write("gone.csv", gone), *base]))
 
 
-def _ddp_worker(rank, world, port, argv):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    abmil.main(abmil.parse_args(argv))
-
-
 def test_two_ranks_shard_the_embedding_and_match_one_process(data):
-    import socket
-    import torch.multiprocessing as mp
+    import subprocess
+    import sys
     d, ck = data
     argv = [ck["mae"], "--patches", str(d / "patches"), "--splits", str(d / "splits.csv"), "--img-size", "32",
-            "--seeds", "1", "--epochs", "2", "--topk", "0", "--hidden", "32", "--attn-dim", "16", "--device", "cpu"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, argv + ["--out", str(d / "ddp")]), nprocs=2)
+            "--seeds", "1", "--epochs", "2", "--topk", "0", "--hidden", "32", "--attn-dim", "16", "--device", "cpu",
+            "--boot", "100"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # torchrun --standalone picks its own free port: no race with anything else on the machine
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    os.path.join(root, "abmil.py"), *argv, "--out", str(d / "ddp")], check=True, cwd=root,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
     one = abmil.main(abmil.parse_args(argv + ["--out", str(d / "single")]))
     two = json.load(open(d / "ddp" / "results.json"))
-    sha = one["results"][0]["sha256"][:16]
-    files = sorted(os.listdir(d / "single" / "features" / f"{sha}-32px"))
-    assert files == sorted(os.listdir(d / "ddp" / "features" / f"{sha}-32px")) and len(files) >= 8
-    for f in files:
-        np.testing.assert_allclose(np.load(d / "ddp" / "features" / f"{sha}-32px" / f)["features"],
-                                   np.load(d / "single" / "features" / f"{sha}-32px" / f)["features"], atol=1e-5)
-    for a, b in zip(two["results"][0]["seeds"], one["results"][0]["seeds"]):
-        assert a == pytest.approx(b)
-    seed = lambda run: json.load(open(os.path.join(run["results"][0]["dir"], "seed0.json")))  # noqa: E731
-    np.testing.assert_allclose(seed(two)["test_probs"], seed(one)["test_probs"], atol=1e-5)
+    assert list(two["results"]) == list(one["results"])                     # the same encoders, the same keys
+    for key in one["results"]:
+        fd = f"{one['encoders'][key]['sha256'][:16]}-{16 if key.startswith('raw-pixels') else 32}px"
+        files = sorted(os.listdir(d / "single" / "features" / fd))
+        assert files == sorted(os.listdir(d / "ddp" / "features" / fd)) and len(files) >= 8
+        for f in files:
+            np.testing.assert_allclose(np.load(d / "ddp" / "features" / fd / f)["features"],
+                                       np.load(d / "single" / "features" / fd / f)["features"], atol=1e-5)
+        for a, b in zip(two["results"][key]["seeds"], one["results"][key]["seeds"]):
+            np.testing.assert_allclose(a.pop("test_probs"), b.pop("test_probs"), atol=1e-5)
+            assert a == pytest.approx(b, abs=1e-5)

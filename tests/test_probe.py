@@ -5,6 +5,7 @@ non-pretext checkpoint)."""
 import csv
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -216,31 +217,33 @@ def test_refusals(tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
+    """An MAE run folder with its step-0 encoder beside the checkpoint (init.safetensors), and a bare I-JEPA file."""
     d = tmp_path_factory.mktemp("ck")
-    torch.manual_seed(0)
-    a = vit.ViT(vit.ViTConfig(img_size=32, patch_size=8, in_chans=1, embed_dim=64, depth=2, num_heads=4))
-    vit.save_checkpoint(d / "mae.safetensors", a, method="mae", pool="cls", mean=[0.45], std=[0.25])
+    torch.manual_seed(1)
+    cfg = vit.ViTConfig(img_size=32, patch_size=8, in_chans=1, embed_dim=64, depth=2, num_heads=4)
+    init = vit.ViT(cfg)
+    vit.save_checkpoint(d / "mae" / "init.safetensors", init, method="mae", pool="cls", mean=[0.45], std=[0.25])
+    with torch.no_grad():
+        for p in init.parameters():
+            p.add_(0.05 * torch.randn_like(p))                            # "trained": moved away from its init
+    vit.save_checkpoint(d / "mae" / "ckpt.safetensors", init, method="mae", pool="cls", mean=[0.45], std=[0.25],
+                        step=10)
     b = vit.ViT(vit.ViTConfig(img_size=32, patch_size=8, in_chans=3, embed_dim=64, depth=2, num_heads=4,
                               cls_token=False))
     vit.save_checkpoint(d / "ijepa.safetensors", b, method="ijepa", pool="mean", mean=[0.4] * 3, std=[0.3] * 3)
-    return str(d / "mae.safetensors"), str(d / "ijepa.safetensors")
+    return str(d / "mae" / "ckpt.safetensors"), str(d / "ijepa.safetensors")
 
 
-def test_end_to_end_results_json_table_and_cache(tmp_path, checkpoints, capsys):
-    rng = np.random.default_rng(3)
-    folder_task(tmp_path / "three", rng=rng)
-    folder_task(tmp_path / "two", classes=("dark", "bright"), rng=rng)
-    cfg = Config(ckpts=list(checkpoints), data=[str(tmp_path / "three"), str(tmp_path / "two")],
-                 out=str(tmp_path / "out"), epochs=25, patience=5, seeds=3, num_workers=0, img_batch=16)
-    doc = probe.main(cfg)
-    out = capsys.readouterr().out
-    assert "Dataset" in out and "AUROC (%)" in out and "mae" in out and "ijepa" in out
-    saved = json.load(open(tmp_path / "out" / "results.json"))
-    assert saved["protocol"]["f1"] == "macro" and [c["label"] for c in saved["checkpoints"]] == ["mae", "ijepa"]
+def by_label(doc):
+    return {e["label"]: k for k, e in doc["encoders"].items()}
+
+
+def check_saved_metrics(saved):
+    """Every stored per-seed metric recomputed by sklearn from the stored probabilities."""
     for name, t in saved["tasks"].items():
         y = np.array(t["test_labels"])
-        for label, r in t["results"].items():
-            assert len(r["seeds"]) == 3
+        for key, r in t["results"].items():
+            assert len(r["seeds"]) == saved["protocol"]["seeds"]
             for s in r["seeds"]:
                 P = np.array(s["test_probs"])
                 assert P.shape == (len(y), len(t["classes"]))
@@ -250,17 +253,284 @@ def test_end_to_end_results_json_table_and_cache(tmp_path, checkpoints, capsys):
                 assert s["f1"] == pytest.approx(f1_score(y, P.argmax(1), average="macro"), abs=1e-12)
             a = np.array([s["auroc"] for s in r["seeds"]])
             assert r["auroc_mean"] == pytest.approx(a.mean()) and r["auroc_std"] == pytest.approx(a.std(ddof=1))
+            # the table's statistic: the seed-mean AUROC on all test items, inside its bootstrap CI
+            st = t["statistics"][key]
+            assert st["auroc"] == pytest.approx(a.mean(), abs=1e-12)
+            assert st["ci"][0] - 1e-12 <= st["auroc"] <= st["ci"][1] + 1e-12
+
+
+def test_end_to_end_results_json_table_and_cache(tmp_path, checkpoints, capsys):
+    rng = np.random.default_rng(3)
+    folder_task(tmp_path / "three", rng=rng)
+    folder_task(tmp_path / "two", classes=("dark", "bright"), rng=rng)
+    cfg = Config(ckpts=list(checkpoints), data=[str(tmp_path / "three"), str(tmp_path / "two")],
+                 out=str(tmp_path / "out"), epochs=25, patience=5, seeds=3, num_workers=0, img_batch=16,
+                 controls=False, boot=200)
+    doc = probe.main(cfg)
+    out = capsys.readouterr().out
+    assert "encoder" in out and "AUROC (%) [95% CI]" in out and "MAE" in out and "I-JEPA" in out
+    saved = json.load(open(tmp_path / "out" / "results.json"))
+    assert saved["protocol"]["f1"] == "macro" and saved["format"] == probe.RESULTS_FORMAT
+    assert [e["label"] for e in saved["encoders"].values()] == ["MAE", "I-JEPA"]
+    assert list(saved["encoders"]) == [probe.sha256_file(p) for p in checkpoints]       # keyed by the file hash
+    assert saved["bootstrap"]["resamples"] == 200 and saved["bootstrap"]["seed"] == 0
+    check_saved_metrics(saved)
+    for t in saved["tasks"].values():
+        for r in t["results"].values():
             assert r["auroc_mean"] > 0.75                                 # brightness classes, random ViT
     md = (tmp_path / "out" / "table.md").read_text().splitlines()
-    assert md[0].startswith("| Dataset | mae AUROC (%) | mae F1 (%) | ijepa AUROC") and len(md) == 4
-    # second run: features from the cache, identical results (seeded)
+    assert md[2] == ("| encoder | three (test n=18) AUROC (%) [95% CI] | three (test n=18) F1 (%) "
+                     "| two (test n=12) AUROC (%) [95% CI] | two (test n=12) F1 (%) |")
+    assert md[4].startswith("| MAE | ") and md[5].startswith("| I-JEPA | ") and md[6] == ""
+    assert any(line.startswith("| MAE - I-JEPA | ") for line in md)     # the paired comparison
+    # a rerun into the same OUT reuses the stored results; without them, features come from the cache
+    again = probe.main(cfg)
+    assert "kept from an earlier run" in capsys.readouterr().out
+    assert again["tasks"] == doc["tasks"]
     feats = sorted((tmp_path / "out" / "features").rglob("*.pt"))
     assert len(feats) == 4
     mtimes = [f.stat().st_mtime_ns for f in feats]
+    os.remove(tmp_path / "out" / "results.json")
     doc2 = probe.main(cfg)
     assert "features cached" in capsys.readouterr().out
     assert [f.stat().st_mtime_ns for f in feats] == mtimes
-    assert doc2["tasks"]["three"]["results"]["mae"]["seeds"] == doc["tasks"]["three"]["results"]["mae"]["seeds"]
+    k = by_label(doc)["MAE"]
+    assert doc2["tasks"]["three"]["results"][k]["seeds"] == doc["tasks"]["three"]["results"][k]["seeds"]
+
+
+def test_controls_twins_and_raw_pixels(tmp_path, checkpoints, capsys):
+    folder_task(tmp_path / "two", counts=(8, 4, 6), classes=("dark", "bright"), rng=np.random.default_rng(4))
+    cfg = Config(ckpts=list(checkpoints), data=[str(tmp_path / "two")], out=str(tmp_path / "out"), epochs=10,
+                 patience=5, seeds=2, num_workers=0, img_batch=16, boot=100)
+    doc = probe.main(cfg)
+    out = capsys.readouterr().out
+    lab = by_label(doc)
+    assert set(lab) == {"MAE", "MAE own init", "MAE ViT init", "I-JEPA", "I-JEPA ViT init", "raw pixels (16x16 RGB)"}
+    mae = doc["encoders"][lab["MAE"]]
+    init = os.path.join(os.path.dirname(checkpoints[0]), "init.safetensors")
+    assert lab["MAE own init"] == probe.sha256_file(init) == mae["twins"]["own init"]
+    assert doc["encoders"][lab["MAE own init"]]["kind"] == "own init"
+    ij = doc["encoders"][lab["I-JEPA"]]
+    assert ij["twins"]["own init"] is None and "init.safetensors" in ij["twins"]["missing"]["own init"]
+    assert "I-JEPA own init absent: no " in out                         # said in the table, not invented
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert "| &nbsp;&nbsp;own init | absent | - |" in md and "| MAE - own init | " in md
+    assert "| I-JEPA - ViT init | " in md and "| I-JEPA - own init" not in md
+    assert "| MAE - raw pixels (16x16 RGB) | " in md
+    check_saved_metrics(doc)
+    kinds = {(c["a"], c["kind"]) for c in doc["tasks"]["two"]["comparisons"]}
+    assert kinds == {(lab["MAE"], "own init"), (lab["MAE"], "ViT init"), (lab["MAE"], "raw pixels"),
+                     (lab["I-JEPA"], "ViT init"), (lab["I-JEPA"], "raw pixels"), (lab["MAE"], "trained")}
+    t = read_tasks(str(tmp_path / "two"))[0]
+    paths = [p for s in ("train", "val", "test") for p in t["splits"][s][0]]
+
+    def cached(key):
+        (f,) = (tmp_path / "out" / "features" / doc["encoders"][key]["sha256"][:16]).glob("*.pt")
+        z = torch.load(f, weights_only=True)
+        return torch.cat([z[s] for s in ("train", "val", "test")])
+
+    # the ViT-init twin: vit.ViT of the checkpoint's config under torch seed 0, the checkpoint's pool and mean/std
+    torch.manual_seed(0)
+    twin = vit.ViT(vit.config_from_meta(vit.load_checkpoint(checkpoints[0])[1])).eval()
+    x = torch.stack([probe.load_image(p, 1, 32, False) for p in paths]).float() / 255
+    with torch.no_grad():
+        ref = twin((x - 0.45) / 0.25)[:, 0]
+    torch.testing.assert_close(cached(lab["MAE ViT init"]), ref, rtol=1e-4, atol=1e-5)
+    # the own-init twin: the init file's encoder
+    model, _ = vit.load_encoder(init)
+    with torch.no_grad():
+        torch.testing.assert_close(cached(lab["MAE own init"]), model((x - 0.45) / 0.25)[:, 0], rtol=1e-4, atol=1e-5)
+    # raw pixels: the RGB image resized to 16 x 16 by PIL, in [0, 1] (z-scored by the probe with the train split)
+    px = torch.stack([probe.load_image(p, 3, 16, False) for p in paths]).flatten(1).float() / 255
+    torch.testing.assert_close(cached(lab["raw pixels (16x16 RGB)"]), px)
+    # --no-controls: only the checkpoints
+    doc = probe.main(replace(cfg, controls=False, out=str(tmp_path / "bare")))
+    assert [e["label"] for e in doc["encoders"].values()] == ["MAE", "I-JEPA"]
+    assert "own init" not in (tmp_path / "bare" / "table.md").read_text()
+
+
+def test_never_overwrites_earlier_results(tmp_path, checkpoints, capsys):
+    """A second evaluation into the same --out adds to results.json (keyed by checkpoint hash); one that cannot be
+    added (other settings, another task of the same name, an unreadable or foreign file) is refused untouched."""
+    rng = np.random.default_rng(5)
+    folder_task(tmp_path / "two", counts=(6, 4, 6), classes=("dark", "bright"), rng=rng)
+    folder_task(tmp_path / "three", counts=(6, 4, 6), rng=rng)
+    out = tmp_path / "out"
+    cfg = Config(ckpts=[checkpoints[0]], data=[str(tmp_path / "two")], out=str(out), epochs=8, patience=4, seeds=2,
+                 num_workers=0, img_batch=16, controls=False, boot=50)
+    first = probe.main(cfg)
+    mae = by_label(first)["MAE"]
+    kept = first["tasks"]["two"]["results"][mae]
+    second = probe.main(replace(cfg, ckpts=[checkpoints[1]], data=[str(tmp_path / "two"), str(tmp_path / "three")]))
+    saved = json.load(open(out / "results.json"))
+    assert saved["tasks"]["two"]["results"][mae] == kept                 # the first evaluation is still there
+    assert set(saved["tasks"]["two"]["results"]) == {mae, by_label(second)["I-JEPA"]}
+    assert set(saved["tasks"]["three"]["results"]) == {by_label(second)["I-JEPA"]}
+    md = (out / "table.md").read_text()
+    assert "| MAE | " in md and "| I-JEPA | " in md and "| MAE - I-JEPA | " in md
+    assert "| MAE | " in md.split("three (test n=18) F1 (%) |")[1].split("\n")[2]          # "-" where not run
+    before = (out / "results.json").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=r"other settings \(epochs 8 there, 9 now\).*another --out"):
+        probe.main(replace(cfg, epochs=9))
+    folder_task(tmp_path / "other" / "two", counts=(5, 4, 6), classes=("dark", "bright"), rng=rng)
+    with pytest.raises(ValueError, match=r"task 'two' there was evaluated on other images or labels"):
+        probe.main(replace(cfg, data=[str(tmp_path / "other" / "two")]))
+    assert (out / "results.json").read_bytes() == before
+    (out / "results.json").write_text('{"tasks": {}}')                    # an earlier probe.py's file
+    with pytest.raises(ValueError, match="not a pretext-probe-2 file.*kept as it is"):
+        probe.main(cfg)
+    (out / "results.json").write_text('{"format": "pretext-probe-2", "tasks": {')
+    with pytest.raises(ValueError, match="results.json: unreadable"):
+        probe.main(cfg)
+    assert (out / "results.json").read_text() == '{"format": "pretext-probe-2", "tasks": {'
+    with pytest.raises(SystemExit):
+        probe.parse_args(["x.safetensors", "--data", "t", "--boot", "0"])
+
+
+def test_paper_numbers_beside_matching_tasks(tmp_path, checkpoints, capsys):
+    assert probe.paper_matches(["fatty_liver_v1.0.1", "aul_mass_v1.0.1", "fatty", "lesion", "TN5000"],
+                               probe.PAPER_TABLE2_ALIASES) == {"fatty_liver_v1.0.1": "Fatty Liver",
+                                                               "aul_mass_v1.0.1": "AUL", "fatty": "Fatty Liver",
+                                                               "TN5000": "TN5000"}
+    folder_task(tmp_path / "fatty", counts=(6, 4, 6), classes=("dark", "bright"), rng=np.random.default_rng(6))
+    cfg = Config(ckpts=[checkpoints[0]], data=[str(tmp_path / "fatty")], out=str(tmp_path / "out"), epochs=4,
+                 patience=4, seeds=2, num_workers=0, controls=False, boot=50)
+    probe.main(cfg)
+    out = capsys.readouterr().out
+    assert "Pretext Matters, Table 2" in out and "Fatty Liver (ours: fatty)" in out
+    assert "98.70±0.26" in out and "86.66±1.5" in out and "MMOTU" not in out
+    probe.main(replace(cfg, paper=True))
+    out = capsys.readouterr().out
+    assert all(d in out for d in probe.PAPER_TABLE2) and "99.71±0.01" in out
+
+# -----------------------------------------------------------------------------
+# statistics: the bootstrap against sklearn on every resample, DeLong against its O(n^2) definition
+
+
+def resample_direct(y, P, counts):
+    """The slow way: materialise each resample and ask sklearn, seed by seed."""
+    out = np.empty((len(P), len(counts)))
+    for b, c in enumerate(counts):
+        idx = np.repeat(np.arange(len(y)), c.astype(int))
+        for s, p in enumerate(P):
+            out[s, b] = metrics(y[idx], p[idx])[0]
+    return out
+
+
+def test_resampled_auroc_is_sklearn_on_each_resample():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 40)
+    p1 = np.round(rng.random((3, 40)), 1)                                 # many ties
+    P = np.stack([1 - p1, p1], -1)                                        # (S, N, 2)
+    counts = probe.bootstrap_counts(y, 30, seed=7)
+    np.testing.assert_allclose(probe.resampled_auroc(y, P, counts), resample_direct(y, P, counts), atol=1e-12)
+    y = np.r_[0, 1, 2, 3, rng.integers(0, 4, 46)]
+    P = rng.dirichlet(np.ones(4), (2, 50)).astype(np.float32)             # multi-class, float32 as stored
+    counts = probe.bootstrap_counts(y, 20, seed=8)
+    np.testing.assert_allclose(probe.resampled_auroc(y, P, counts), resample_direct(y, P, counts), atol=1e-12)
+    full = probe.resampled_auroc(y, P, np.ones((1, 50)))[:, 0]
+    np.testing.assert_allclose(full, [metrics(y, p)[0] for p in P], atol=1e-12)
+
+
+def test_bootstrap_is_stratified_seeded_and_its_ci_the_percentiles():
+    y = np.array([0] * 7 + [1] * 5 + [2] * 3)
+    counts = probe.bootstrap_counts(y, 500, seed=3)
+    assert counts.shape == (500, 15) and (counts >= 0).all()
+    for c, n in ((0, 7), (1, 5), (2, 3)):
+        assert (counts[:, y == c].sum(1) == n).all()                      # every resample keeps the class sizes
+    np.testing.assert_array_equal(counts, probe.bootstrap_counts(y, 500, seed=3))
+    assert not np.array_equal(counts, probe.bootstrap_counts(y, 500, seed=4))
+    # the draws are what they say: default_rng(seed).integers per class, in class order
+    rng = np.random.default_rng(3)
+    ref = np.zeros((500, 15))
+    for c in (0, 1, 2):
+        idx = np.flatnonzero(y == c)
+        for b, row in enumerate(idx[rng.integers(0, len(idx), size=(500, len(idx)))]):
+            np.add.at(ref[b], row, 1)
+    np.testing.assert_array_equal(counts, ref)
+    # item_statistics' CI and paired CI = numpy percentiles of the direct per-resample seed means
+    rng = np.random.default_rng(1)
+    y = np.r_[np.zeros(12, int), np.ones(9, int)]
+    PA = rng.dirichlet(np.ones(2), (3, 21))
+    PB = rng.dirichlet(np.ones(2), (3, 21))
+    stats, comps = probe.item_statistics(y, {"a": PA, "b": PB}, ["a", "b"], {}, None, 100, seed=5)
+    counts = probe.bootstrap_counts(y, 100, seed=5)
+    da = resample_direct(y, PA, counts).mean(0)
+    db = resample_direct(y, PB, counts).mean(0)
+    np.testing.assert_allclose(stats["a"]["ci"], np.percentile(da, [2.5, 97.5]), atol=1e-12)
+    assert stats["a"]["auroc"] == pytest.approx(np.mean([metrics(y, p)[0] for p in PA]), abs=1e-12)
+    (c,) = comps
+    assert (c["a"], c["b"], c["kind"]) == ("a", "b", "trained")
+    np.testing.assert_allclose(c["ci"], np.percentile(da - db, [2.5, 97.5]), atol=1e-12)
+    assert c["delta"] == pytest.approx(stats["a"]["auroc"] - stats["b"]["auroc"], abs=1e-12)
+
+
+def brute_components(pos, score):
+    """DeLong's V10, V01 straight from the definition: psi(x, z) = 1 if x > z, 1/2 if equal, over all pairs."""
+    x = score[pos][:, None]
+    z = score[~pos][None, :]
+    psi = (x > z) + 0.5 * (x == z)                                        # (m, n)
+    return psi.mean(1), psi.mean(0)
+
+
+def test_delong_fast_components_equal_the_definition_and_sklearn():
+    from scipy.stats import norm, rankdata
+    rng = np.random.default_rng(2)
+    for n in (2, 7, 50, 197):
+        y = rng.integers(0, 2, n)
+        y[:2] = [0, 1]
+        s = np.round(rng.random(n) + 0.3 * y, 1)                          # ties between and within classes
+        np.testing.assert_allclose(probe.midranks(s), rankdata(s))
+        v10, v01 = probe.delong_components(y == 1, s)
+        r10, r01 = brute_components(y == 1, s)
+        np.testing.assert_allclose(v10, r10, atol=1e-12)
+        np.testing.assert_allclose(v01, r01, atol=1e-12)
+        assert v10.mean() == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        assert v01.mean() == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    # the paired test against the textbook formula: var = L (S10 / m + S01 / n) L^T, L = (1, -1)
+    y = rng.integers(0, 2, 80)
+    a = rng.random(80) + 0.8 * y
+    b = np.round(rng.random(80) + 0.4 * y, 1)
+    PA = np.stack([1 - a / 2, a / 2], -1)[None]                           # (1, N, 2): one seed
+    PB = np.stack([1 - b / 2, b / 2], -1)[None]
+    ca = brute_components(y == 1, a / 2)
+    cb = brute_components(y == 1, b / 2)
+    m, k = (y == 1).sum(), (y == 0).sum()
+    S10 = np.cov(np.stack([ca[0], cb[0]]))
+    S01 = np.cov(np.stack([ca[1], cb[1]]))
+    L = np.array([1.0, -1.0])
+    var = L @ (S10 / m + S01 / k) @ L
+    delta = roc_auc_score(y, a) - roc_auc_score(y, b)
+    d, z, p = probe.delong_test(y, PA, PB)
+    assert d == pytest.approx(delta, abs=1e-12) and z == pytest.approx(delta / np.sqrt(var), rel=1e-9)
+    assert p == pytest.approx(2 * norm.sf(abs(delta) / np.sqrt(var)), rel=1e-9)
+    # several seeds: the seed-mean AUROC's components are the seed means of each seed's
+    PA3 = np.concatenate([PA, PA[:, ::-1] * 0 + PA, PB])                  # (3, N, 2)
+    PB3 = np.concatenate([PB, PA, PB])
+    comps = [(brute_components(y == 1, pa[:, 1]), brute_components(y == 1, pb[:, 1])) for pa, pb in zip(PA3, PB3)]
+    d10 = np.mean([ca[0] - cb[0] for ca, cb in comps], axis=0)
+    d01 = np.mean([ca[1] - cb[1] for ca, cb in comps], axis=0)
+    d, z, p = probe.delong_test(y, PA3, PB3)
+    assert z == pytest.approx(d / np.sqrt(d10.var(ddof=1) / m + d01.var(ddof=1) / k), rel=1e-9)
+    # identical predictions: no difference, p = 1
+    assert probe.delong_test(y, PA, PA)[2] == 1.0
+
+
+def test_delong_multiclass_variance_agrees_with_the_bootstrap():
+    """The macro one-vs-rest extension: its variance against the stratified bootstrap's on a large test set."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 900)
+    PA = rng.dirichlet(np.ones(3), (1, 900)) + 0.6 * np.eye(3)[y][None]
+    PB = rng.dirichlet(np.ones(3), (1, 900)) + 0.4 * np.eye(3)[y][None]
+    PB[:, :300] = PA[:, :300]                                             # correlated, as two encoders on one set
+    theta, phi = probe.auroc_influence(y, PA[0])
+    assert theta == pytest.approx(metrics(y, PA[0])[0], abs=1e-12)
+    counts = probe.bootstrap_counts(y, 3000, seed=0)
+    boot = probe.resampled_auroc(y, PA, counts)[0] - probe.resampled_auroc(y, PB, counts)[0]
+    d, z, p = probe.delong_test(y, PA, PB)
+    assert (d / z) ** 2 == pytest.approx(boot.var(), rel=0.12)
+    assert probe.influence_var(y, phi) == pytest.approx(probe.resampled_auroc(y, PA, counts)[0].var(), rel=0.12)
 
 
 def test_unreadable_image_is_named(tmp_path, checkpoints):
@@ -285,3 +555,34 @@ def test_sixteen_bit_and_grey_rgb_inputs(tmp_path):
 def test_bench_times_all_epochs():
     r = probe.benchmark(n=400, dim=16, epochs=4, seeds=2)
     assert r["epochs"] == 4 and r["seconds"] > 0 and r["n_train"] == 280
+
+
+def test_tasks_sharing_image_files_embed_them_once(tmp_path, checkpoints, monkeypatch):
+    """Two tasks whose images are hard links to the same files (the demo's fatty / lesion folders): each encoder
+    decodes and embeds every file once, and both tasks get the rows of their own images."""
+    folder_task(tmp_path / "a", counts=(6, 4, 6), classes=("dark", "bright"), rng=np.random.default_rng(7))
+    for root, _, files in os.walk(tmp_path / "a"):
+        for f in files:
+            src = os.path.join(root, f)
+            rel = os.path.relpath(src, tmp_path / "a").split(os.sep)
+            dst = tmp_path / "b" / rel[0] / ("bright" if rel[1] == "dark" else "dark") / rel[2]   # other labels
+            os.makedirs(dst.parent, exist_ok=True)
+            os.link(src, dst)
+    calls = []
+    real = probe.extract
+    monkeypatch.setattr(probe, "extract", lambda model, meta, images, cfg, device: calls.append(len(images)) or real(
+        model, meta, images, cfg, device))
+    cfg = Config(ckpts=[checkpoints[0]], data=[str(tmp_path / "a"), str(tmp_path / "b")], out=str(tmp_path / "o"),
+                 epochs=3, patience=3, seeds=2, num_workers=0, controls=False, boot=20)
+    probe.main(cfg)
+    assert calls == [32]                                                    # one pass over the 32 distinct files
+    ta, tb = (read_tasks(str(tmp_path / n))[0] for n in ("a", "b"))
+    key = probe.sha256_file(checkpoints[0])[:16]
+    fa, fb = (torch.load(probe.feature_path({"sha256": key, "meta": vit.load_checkpoint(checkpoints[0])[1]}, t, cfg),
+                         weights_only=True) for t in (ta, tb))
+    for s in ("train", "val", "test"):
+        pos = {os.path.basename(os.path.dirname(p)) + "/" + os.path.basename(p): i
+               for i, p in enumerate(tb["splits"][s][0])}
+        for i, p in enumerate(ta["splits"][s][0]):
+            other = ("bright" if "/dark/" in p else "dark") + "/" + os.path.basename(p)
+            torch.testing.assert_close(fa[s][i], fb[s][pos[other]])
