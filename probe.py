@@ -786,13 +786,19 @@ def seed_influence(y, P):
 
 def delong_test(y, PA, PB):
     """DeLong's test of two seed-mean AUROCs on the same test items -> (difference A - B, z, two-sided p).
-    A zero variance (the same difference on every item) gives z = None and p = 1 for no difference, else 0."""
+    No difference at all gives z = None, p = 1. The variance needs two items of every class (a sample variance
+    per class): with fewer, or a zero variance beside a nonzero difference, the test is not estimable and
+    z = p = None (the table prints "-"; the bootstrap CI is still there)."""
     ta, fa = seed_influence(y, PA)
     tb, fb = seed_influence(y, PB)
     delta = ta - tb
+    if np.abs(fa - fb).max() < 1e-12 and abs(delta) < 1e-12:
+        return delta, None, 1.0
+    if np.bincount(np.asarray(y)).min() < 2:
+        return delta, None, None
     var = influence_var(y, fa - fb)
     if var <= 1e-300:
-        return delta, None, 1.0 if abs(delta) < 1e-12 else 0.0
+        return delta, None, None
     z = delta / math.sqrt(var)
     return delta, z, math.erfc(abs(z) / math.sqrt(2))
 

@@ -515,6 +515,11 @@ def test_delong_fast_components_equal_the_definition_and_sklearn():
     assert z == pytest.approx(d / np.sqrt(d10.var(ddof=1) / m + d01.var(ddof=1) / k), rel=1e-9)
     # identical predictions: no difference, p = 1
     assert probe.delong_test(y, PA, PA)[2] == 1.0
+    # one positive (or a zero variance beside a difference): not estimable, p = None, "-" in the table
+    y1 = np.array([0, 0, 1])
+    d, z, p = probe.delong_test(y1, np.array([[[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]]),
+                                np.array([[[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]]]))
+    assert d == pytest.approx(-0.5) and z is None and p is None and probe.fmt_p(p) == "-"
 
 
 def test_delong_multiclass_variance_agrees_with_the_bootstrap():
