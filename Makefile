@@ -91,8 +91,19 @@ demo: $(VENV)
 		--images $(R)/data/clean --masks $(R)/data/masks --out $(R)/segscore.csv
 	@echo "== done: tables in $(R)/probe/table.md and $(R)/abmil/table.md, figures in $(R)/maps/"
 
+# make paper US=DIR WSI=DIR [OUT=runs/paper] [PAPER_ARGS=--tiny]: the paper's whole protocol on your own data
+# (prep, Table 4 pretraining at ViT-S/16 224, probes, ABMIL, section 4.1); the input layout: python paper.py --help
+.PHONY: paper
+paper: $(VENV)
+	$(PY) paper.py $(if $(US),--us $(US)) $(if $(WSI),--wsi $(WSI)) --out $(or $(OUT),runs/paper) $(PAPER_ARGS)
+
 test: $(VENV)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+# make fix-copies: rewrite the plumbing copied from mae.py into dino.py, ijepa.py, prep/ultrasound.py
+.PHONY: fix-copies
+fix-copies:
+	python3 tests/check_copies.py --fix
 
 clean:
 	rm -rf runs/demo .pytest_cache

@@ -33,9 +33,11 @@ Output: OUT/<same relative path>.png (multi-page: <stem>_p0000.png ...; when a.j
 folder: a_jpg.png, a_png.png), or with --npy a single OUT/frames.npy (uint8 (N, H, W), memory-mapped by the
 method scripts) with OUT/frames.txt naming each frame's source (path, path#page for multi-page files). PNGs
 and the stack are never both written: the method scripts read every image AND every .npy under --data.
-OUT/stats.json = {"mean": [m], "std": [s]} in [0, 1] units over every output pixel (padding included: the
-network sees it too). OUT/report.json lists unreadable files (with the error), frames not inpainted because
-of too much colour, and frames not rescaled.
+OUT/stats.json = {"mean": [m], "std": [s], "frames": n, "fingerprint": sha256} in [0, 1] units over every
+output pixel (padding included: the network sees it too); "frames" and "fingerprint" identify the frames it
+describes (the listing of OUT the method scripts make), so that they recompute the statistics when OUT
+changes. OUT/report.json lists unreadable files (with the error), frames not inpainted because of too much
+colour, and frames not rescaled.
 
 Fast and restartable: --workers processes; every PNG is written to a temporary name and renamed, so an
 existing output is complete and is skipped on a rerun (its pixels still enter the statistics). The --npy stack
@@ -47,11 +49,13 @@ above are ours and documented. The paper standardises downstream images with the
 which probe.py does through the checkpoint's mean/std.
 """
 import argparse
+import hashlib
 import json
 import multiprocessing as mp
 import os
 import sys
 import time
+from contextlib import suppress
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -358,6 +362,64 @@ def atomic_json(obj, path):
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
 
+# -----------------------------------------------------------------------------
+# the listing the method scripts make of --data, so that stats.json can say which frames it describes
+
+# Copied from mae.py: listing
+
+
+FRAME_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
+
+
+def list_frames(data):
+    """Every frame file under `data` (recursive, symbolic links followed, sorted) and how many
+    frames each holds: a page of a tif, a row of a .npy stack (uint8 (N, H, W) or (N, H, W, C)),
+    any other image one frame."""
+    if not os.path.isdir(data):
+        raise SystemExit(f"{data}: no such folder; pass --data the folder that holds your frames")
+    paths = []
+    for root, _, names in os.walk(data, followlinks=True):
+        paths += [os.path.join(root, n) for n in names if n.lower().endswith(FRAME_EXTS)]
+    paths.sort()
+    if not paths:
+        kinds = "/".join(e[1:] for e in FRAME_EXTS)
+        raise SystemExit(f"{data}: no {kinds} files under it; point --data at the folder of your "
+                         f"frames")
+    return paths, [frames_in(p) for p in paths]
+
+
+def frames_in(path):
+    """How many frames one file holds; 1 for an image that cannot be opened (reported when it is
+    decoded)."""
+    if path.lower().endswith(".npy"):
+        try:
+            a = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{path}: not a readable .npy file ({e}); remove it or rewrite it "
+                             f"with np.save") from None
+        channels_ok = a.ndim == 3 or (a.ndim == 4 and a.shape[3] in (1, 3, 4))
+        if a.dtype != np.uint8 or not channels_ok:
+            raise SystemExit(f"{path}: a frame stack must be uint8 (N, H, W) or (N, H, W, C) with "
+                             f"C 1, 3 or 4, not {a.dtype} {a.shape}; convert it, e.g. "
+                             f"np.save(path, a.astype(np.uint8))")
+        return len(a)
+    if path.lower().endswith((".tif", ".tiff")):
+        with suppress(Exception), Image.open(path) as im:
+            return getattr(im, "n_frames", 1)
+    return 1
+
+
+def fingerprint(data, paths, counts):
+    """sha256 of a listing: each file's path relative to `data`, its size in bytes and its frame
+    count, so it changes when a frame file is added, removed, renamed or rewritten with another
+    size."""
+    h = hashlib.sha256()
+    for path, n in zip(paths, counts):
+        h.update(f"{os.path.relpath(path, data)}\t{os.path.getsize(path)}\t{n}\n".encode())
+    return h.hexdigest()
+
+# End of shared block: listing
+
 
 def write_npy(cfg, rels, report):
     """Fill OUT/frames.npy.partial in place (resumable), then compact out failed frames and rename."""
@@ -484,7 +546,11 @@ def main(cfg):
     s, ss, n = tot
     mean = s / n / 255
     std = max(ss / n / 255 ** 2 - mean ** 2, 0.0) ** 0.5
-    atomic_json({"mean": [mean], "std": [std]}, os.path.join(cfg.out, "stats.json"))
+    # the frames these statistics describe, as the method scripts list OUT (they recompute on a change)
+    paths, counts = list_frames(cfg.out)
+    fp = fingerprint(cfg.out, paths, counts)
+    stats = {"mean": [mean], "std": [std], "frames": sum(counts), "fingerprint": fp}
+    atomic_json(stats, os.path.join(cfg.out, "stats.json"))
     notes = report["notes"]
     inpainted = report["inpainted"]
     too_much = sum("too_much_colour" in v for v in notes.values())

@@ -203,3 +203,23 @@ def test_bad_arguments(tmp_path):
         us.main(Config(src=str(tmp_path / "empty"), out=str(tmp_path / "o")))
     with pytest.raises(SystemExit, match="--npy needs"):
         us.main(Config(src=str(tmp_path / "empty"), out=str(tmp_path / "o"), npy=True, size=0))
+
+
+def test_stats_json_names_the_frames_the_method_scripts_list(tmp_path):
+    """OUT/stats.json carries the frame count and the fingerprint that mae.py, dino.py and ijepa.py
+    compute for OUT, so that they use it as it is, and recompute when OUT changes."""
+    import importlib
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (30, 40), dtype=np.uint8)).save(raw / f"f{i}.png")
+    for npy in (False, True):
+        out = tmp_path / f"out{int(npy)}"
+        us.main(Config(src=str(raw), out=str(out), size=24, workers=1, npy=npy))
+        stats = json.load(open(out / "stats.json"))
+        for name in ("mae", "dino", "ijepa"):
+            mod = importlib.import_module(name)
+            paths, counts = mod.list_frames(str(out))
+            assert stats["frames"] == sum(counts) == 5
+            assert stats["fingerprint"] == mod.fingerprint(str(out), paths, counts)
