@@ -430,6 +430,8 @@ def save_checkpoint(path, encoder, *, method, pool, mean, std, args=None, step=0
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     save_file(out, tmp, metadata={"pretext": json.dumps(meta)})
+    with open(tmp, "rb") as f:                  # on disk before the rename: a power cut leaves either file whole
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -504,12 +506,12 @@ def demo_main(argv=None):
     x = torch.from_numpy(imgs).float().div(255)[:, None].to(device)          # (B, 1, 224, 224)
     mean, std = x.mean().item(), x.std().item()
     x = (x - mean) / std
-    print(f"{len(files)} frames from {a.data} on {device}; kernels: "
-          f"{'triton' if kernels.use_triton(x) else 'pytorch reference'}")
+    print(f"{len(files)} frames from {a.data} on {device}")
     model = ViT(vit_config(a.size, in_chans=1)).to(device)
     n_params = sum(t.numel() for t in model.parameters())
     print(f"{a.size}: {n_params / 1e6:.1f}M parameters, {model.cfg.grid ** 2} patches + CLS")
     t0 = time.time()
+    kernels.reset_report()
     B, N = x.shape[0], model.cfg.grid ** 2
     ids_keep = torch.rand(B, N, device=device).argsort(1)[:, : N // 4]       # (B, 49) an MAE-style visible set
     tokens = model(x, ids_keep=ids_keep)                                     # gather + attention
@@ -522,6 +524,7 @@ def demo_main(argv=None):
     q, k = model.last_qk(x)
     att = kernels.attention_map(q, k, torch.tensor([0], device=device))      # (B, H, 1, N+1) CLS row
     print(f"attention map of the CLS query: {tuple(att.shape)}, rows sum to {att.sum(-1).mean().item():.4f}")
+    print(f"kernels: {kernels.report_line()}")                               # the path each op took, and why
     path = os.path.join(a.out, "vit_demo.safetensors")
     save_checkpoint(path, model, method="demo", pool="cls", mean=[mean], std=[std], args=vars(a), step=0)
     model2, meta = load_encoder(path, device)

@@ -1,4 +1,4 @@
-"""What the three Triton kernel files share: the interpreter flag, the output-poisoning test hook, launch constexprs."""
+"""What the three Triton kernel files share: the interpreter flag, the output-poisoning test hook, the launch helper."""
 import os
 
 import torch
@@ -10,11 +10,23 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # forgets to write fails the comparison with the reference. tests/test_triton_kernels.py turns it on.
 POISON_OUTPUTS = False
 
+# Capture hook: when a list, launch() appends (kernel, grid, args, kwargs) to it instead of launching. kernels/aot.py
+# runs the launchers on meta tensors this way, so the configurations it compiles are exactly the ones they launch.
+CAPTURE = None
+
 
 def empty(shape, dtype, device):
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """kernel[grid](*args, **kwargs), or record it (CAPTURE)."""
+    if CAPTURE is not None:
+        CAPTURE.append((kernel, grid, args, kwargs))
+        return
+    kernel[grid](*args, **kwargs)
 
 
 def launch_args(dtype):

@@ -35,12 +35,16 @@ Cost, for B, K gathered rows out of N, D channels, elt bytes per element:
           a (1, N, D) pos adds a B*N*D read and an N*D write for the batch sum.
   MAE encoder gather at (256, 196 -> 49, 384) bf16: 9.6 MB read + 9.6 MB written forward.
 
-How it should compare with PyTorch on a GPU: NOT YET MEASURED with this code (no GPU was available when it was
-written; bench.py measures it). Reference numbers on one H100, bf16, forward (style-and-kernels.md 2.3): at
-(256, 196 -> 49, 384) torch.gather with index.expand 23.9 us, index_select on the flattened tensor 17.8 us, a
-one-row-per-program Triton gather 13.3 us; fwd+bwd of torch.gather(index.repeat) 233 us, of index_select 190 us,
-dominated by the zero-fill + scatter backward that this kernel replaces with a single write of grad_x.
-Block sizes here (BLOCK_R rows per program) differ from that measured kernel, so the number may move either way.
+How it should compare with PyTorch on a GPU: NOT MEASURED YET -- no GPU has run this code; `python bench.py
+gpu-check` times it against torch.gather and index_select (fwd and fwd+bwd). What is known, on one H100, bf16, at
+(256, 196 -> 49, 384): torch.gather with index.expand 23.9 us forward, index_select on the flattened tensor
+17.8 us, a one-row-per-program Triton gather 13.3 us; fwd+bwd of torch.gather(index.repeat) 233 us, of
+index_select 190 us, dominated by the zero-fill + scatter backward that this kernel replaces with a single write of
+grad_x. Expect the forward near that Triton gather (it is a pure copy at memory speed) and the fwd+bwd well ahead
+of torch (target 1.5x); the block sizes here differ from that measured kernel, so the number may move either way.
+
+Checked without a GPU (tests/test_aot_compile.py): every configuration compiles for sm_80 and sm_90 without
+register spills (the 16-bit backward spilled 20 B per thread with BLOCK_K = 128; it uses 64).
 
 Limits: indices must be in [0, N); out-of-range indices are not checked (a check would need a host sync) -- the
 forward reads zeros for them and the backward drops their gradient, where torch.gather would raise. x and pos
@@ -57,14 +61,28 @@ import triton.language as tl
 
 from ._common import INTERPRET as _INTERPRET
 from ._common import empty as _empty
+from ._common import launch as _launch
 
 
-# Fixed block sizes (no autotune; not measured yet): 16 rows x 128 channels per program is 4 KB of bf16 per
-# program and a (16, 128) fp32 accumulator = 16 registers per thread at 4 warps. BLOCK_K = 128 index entries are
-# compared per step of the backward's index scan (K <= 128 for MAE's keep-set at 75% masking: one step).
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Launch configurations (no autotune; not measured on a GPU yet). The launchers read only config(), and
+# tests/test_aot_compile.py compiles every configuration they can pick for sm_80 and sm_90 (shared memory, spills).
+#   BLOCK_R  16 rows per program: 16 x 128 channels is 4 KB of bf16 and a (16, 128) fp32 accumulator, 16 registers
+#            per thread at 4 warps.
+#   BLOCK_D  the channel block: D padded to a power of two, at most 128 (wider D is split over grid axis 1).
+#   BLOCK_K  index entries compared per step of the backward's index scan (K <= 128 for MAE's keep-set at 75%
+#            masking: one step). fp16/bf16 take 64: with 128 the (16, 128) hit matrix, the match search and the
+#            16-bit conversions spilled 20 B per thread when compiled for sm_90.
 BLOCK_R = 16
 BLOCK_D_MAX = 128
-BLOCK_K = 128
+
+
+def config(pass_, D, dtype):
+    """(BLOCK_R, BLOCK_D, BLOCK_K, num_warps) of the forward ("fwd") or backward ("bwd") for D channels."""
+    block_d = min(BLOCK_D_MAX, triton.next_power_of_2(max(D, 16)))
+    block_k = 128 if dtype == torch.float32 else 64
+    return BLOCK_R, block_d, block_k, 4
 
 
 @triton.jit
@@ -134,13 +152,10 @@ def _gather_bwd_kernel(
 
 
 # -----------------------------------------------------------------------------
-# wrappers
+# launchers: every launch goes through _common.launch with config()
 
-def _block_d(D):
-    return min(BLOCK_D_MAX, triton.next_power_of_2(max(D, 16)))
-
-
-def _gather_fwd(x, idx, pos):
+def gather_fwd(x, idx, pos):
+    """out (B, K, D) = x[b, idx] (+ pos[b or 0, idx]) in the promoted dtype of x and pos."""
     B, N, D = x.shape
     K = idx.shape[1]
     dtype = x.dtype if pos is None else torch.result_type(x, pos)
@@ -148,95 +163,79 @@ def _gather_fwd(x, idx, pos):
     if out.numel() == 0:
         return out
     p = x if pos is None else pos.expand(B, N, D)  # a (1, N, D) pos gets batch stride 0
-    BLOCK_D = _block_d(D)
-    _gather_fwd_kernel[(B * triton.cdiv(K, BLOCK_R), triton.cdiv(D, BLOCK_D))](
-        x, p, idx, out,
-        *x.stride(), *p.stride(), *idx.stride(), *out.stride(),
-        N, K, D,
-        HAS_POS=pos is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4,
-    )
+    BLOCK_R, BLOCK_D, _, num_warps = config("fwd", D, dtype)
+    _launch(_gather_fwd_kernel, (B * triton.cdiv(K, BLOCK_R), triton.cdiv(D, BLOCK_D)),
+            x, p, idx, out,
+            *x.stride(), *p.stride(), *idx.stride(), *out.stride(),
+            N, K, D,
+            HAS_POS=pos is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps)
     return out
 
 
-def _gather_bwd(grad, idx, N):
+def gather_bwd(grad, idx, N):
+    """grad_x (B, N, D) in grad's dtype: the gathered rows' gradients summed back into their source rows."""
     B, K, D = grad.shape
     gx = _empty((B, N, D), grad.dtype, grad.device)
     if gx.numel() == 0:
         return gx
     if K == 0:
         return gx.zero_()
-    BLOCK_D = _block_d(D)
-    _gather_bwd_kernel[(B * triton.cdiv(N, BLOCK_R), triton.cdiv(D, BLOCK_D))](
-        grad, idx, gx,
-        *grad.stride(), *idx.stride(), *gx.stride(),
-        N, K, D,
-        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, BLOCK_K=BLOCK_K, num_warps=4,
-    )
+    BLOCK_R, BLOCK_D, BLOCK_K, num_warps = config("bwd", D, grad.dtype)
+    _launch(_gather_bwd_kernel, (B * triton.cdiv(N, BLOCK_R), triton.cdiv(D, BLOCK_D)),
+            grad, idx, gx,
+            *grad.stride(), *idx.stride(), *gx.stride(),
+            N, K, D,
+            BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, BLOCK_K=BLOCK_K, num_warps=num_warps)
     return gx
 
 
-# -----------------------------------------------------------------------------
-# torch.library ops (torch.compile traces through them; the implementation launches Triton on the tensors' device)
-
-@torch.library.custom_op("pretext::gather_tokens_fwd", mutates_args=())
-def gather_tokens_fwd_op(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
-    return _gather_fwd(x, idx, pos)
+def pos_grad(gx, pos_shape, pos_dtype):
+    """grad of pos from grad_x (B, N, D): itself for a (B, N, D) pos, the batch sum for a (1, N, D) one."""
+    return (gx if pos_shape[0] == gx.shape[0] else gx.sum(0, keepdim=True)).to(pos_dtype)
 
 
-@gather_tokens_fwd_op.register_fake
-def _(x, idx, pos):
-    dtype = x.dtype if pos is None else torch.result_type(x, pos)
-    return x.new_empty((x.shape[0], idx.shape[1], x.shape[2]), dtype=dtype)
-
-
-@torch.library.custom_op("pretext::gather_tokens_bwd", mutates_args=())
-def gather_tokens_bwd_op(grad: torch.Tensor, idx: torch.Tensor, N: int) -> torch.Tensor:
-    return _gather_bwd(grad, idx, N)
-
-
-@gather_tokens_bwd_op.register_fake
-def _(grad, idx, N):
-    return grad.new_empty((grad.shape[0], N, grad.shape[2]))
-
-
-def _gather_setup_context(ctx, inputs, output):
-    x, idx, pos = inputs
-    ctx.save_for_backward(idx)
-    ctx.N = x.shape[1]
-    ctx.x_dtype = x.dtype
-    ctx.pos_info = None if pos is None else (pos.shape[0], pos.dtype)
-
-
-def _gather_backward(ctx, grad):
-    (idx,) = ctx.saved_tensors
-    need_x, _, need_pos = ctx.needs_input_grad
-    if not (need_x or need_pos):
-        return None, None, None
-    gx = gather_tokens_bwd_op(grad, idx, ctx.N)  # (B, N, D) in grad's dtype
-    gpos = None
-    if need_pos:
-        pos_b, pos_dtype = ctx.pos_info
-        gpos = (gx if pos_b == gx.shape[0] else gx.sum(0, keepdim=True)).to(pos_dtype)
-    return (gx.to(ctx.x_dtype) if need_x else None), None, gpos
-
-
-gather_tokens_fwd_op.register_autograd(_gather_backward, setup_context=_gather_setup_context)
-
-
-# -----------------------------------------------------------------------------
-# public API (what kernels/__init__.py imports)
-
-def gather_tokens(x, idx, pos=None):
-    """out[b, j] = x[b, idx[b, j]] (+ pos[b or 0, idx[b, j]]); x (B, N, D), idx (B, K) int64 -> (B, K, D).
-
-    Repeated indices are allowed (their gradients are summed, deterministically). Indices are not bounds-checked.
-    """
+def check(x, idx, pos):
+    """Raise ValueError unless x, idx, pos are what the kernels take."""
     if x.dim() != 3 or idx.dim() != 2 or idx.dtype != torch.int64 or idx.shape[0] != x.shape[0]:
         raise ValueError(f"gather_tokens: need x (B, N, D) and int64 idx (B, K), got {tuple(x.shape)} "
                          f"and {tuple(idx.shape)} {idx.dtype}")
     if pos is not None and (pos.dim() != 3 or pos.shape[0] not in (1, x.shape[0]) or pos.shape[1:] != x.shape[1:]):
         raise ValueError(f"gather_tokens: pos must be (1, N, D) or (B, N, D), got {tuple(pos.shape)} "
                          f"for x {tuple(x.shape)}")
-    if not (x.is_cuda or _INTERPRET):
+    dtypes = [x.dtype] + ([] if pos is None else [pos.dtype])
+    if any(dt not in DTYPES for dt in dtypes):
+        raise ValueError(f"gather_tokens: x and pos must be fp32, fp16 or bf16, got {dtypes}")
+    if not (x.is_cuda or _INTERPRET or x.is_meta):
         raise ValueError("gather_tokens: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
-    return gather_tokens_fwd_op(x, idx, pos)
+
+
+# -----------------------------------------------------------------------------
+# the Triton-only API, with autograd (kernels.gather_tokens in kernels/ops.py adds routing and torch.compile support)
+
+class _GatherTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, idx, pos):
+        ctx.save_for_backward(idx)
+        ctx.N = x.shape[1]
+        ctx.x_dtype = x.dtype
+        ctx.pos_info = None if pos is None else (pos.shape, pos.dtype)
+        return gather_fwd(x, idx, pos)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        need_x, _, need_pos = ctx.needs_input_grad
+        if not (need_x or need_pos):
+            return None, None, None
+        gx = gather_bwd(grad, idx, ctx.N)  # (B, N, D) in grad's dtype
+        gpos = pos_grad(gx, *ctx.pos_info) if need_pos else None
+        return (gx.to(ctx.x_dtype) if need_x else None), None, gpos
+
+
+def gather_tokens(x, idx, pos=None):
+    """out[b, j] = x[b, idx[b, j]] (+ pos[b or 0, idx[b, j]]); x (B, N, D), idx (B, K) int64 -> (B, K, D).
+
+    Repeated indices are allowed (their gradients are summed, deterministically). Indices are not bounds-checked.
+    """
+    check(x, idx, pos)
+    return _GatherTokens.apply(x, idx, pos)

@@ -29,16 +29,17 @@ Cost, for B, Na, Nb, D:
           backward reads G twice (2*Na*Nb*elt), a and b, writes da and db.
   At DINOv3-like (64, 196, 196, 384) bf16: 1.9 GFLOP forward, 19.3 MB read + 4.9 MB written.
 
-How it should compare with PyTorch on a GPU: NOT YET MEASURED with this code (no GPU was available when it was
-written; bench.py measures it). Reference numbers on one H100 (style-and-kernels.md 2.4): the eager
-F.normalize + bmm baseline took 116.9 us fp32 / 49.0 us bf16 at (64, 196, 384) and 220.7 / 74.8 us at
-(64, 196, 768). The fused forward saves writing and re-reading the normalised copies; the tile sizes are untested
-guesses, so whether it beats cuBLAS bmm is open.
+How it should compare with PyTorch on a GPU: NOT MEASURED YET -- no GPU has run this code; `python bench.py
+gpu-check` times it against eager F.normalize + bmm (target 2x). What is known, on one H100: that eager baseline
+took 116.9 us fp32 / 49.0 us bf16 at (64, 196, 384) and 220.7 / 74.8 us at (64, 196, 768). The fused forward
+saves writing and re-reading the normalised copies and the fused backward saves the normalisation's separate
+passes; the tile sizes are untested guesses, so whether the forward beats cuBLAS bmm at all is open.
 
-Checked without a GPU: the launches for D = 64, 384, 768, 1024 in fp32/fp16/bf16 compile for sm_90 with the ptxas
-bundled in triton 3.7.1 and 3.6.0, within the H100's shared memory; no register spills for D <= 512. For
-513 <= D <= 1024 (ViT-B's 768 included) D is padded to 1024 and the backward spills a little (8 bytes with 3.7.1,
-~0.5 KB with 3.6.0): it holds several (16, 1024) fp32 tiles; a D-chunked epilogue would fix that.
+Checked without a GPU (tests/test_aot_compile.py, numbers in BENCHMARKS.md): every configuration the launchers can
+pick (each padded D 16 ... 1024, fp32/fp16/bf16) compiles for sm_80 and sm_90 within the shared memory of the
+target and without register spills. The fp32 backward spilled with the 16-bit table at padded D = 256 (ViT-T's
+192: ~0.6 KB per thread on sm_90, 4.6 KB on sm_80) and at 1024; FP32_BWD_CONFIGS gives it 8 warps from 256 and
+8-row programs at 1024.
 
 Limits: a and b must share dtype, device, batch and D; D <= 1024 (the backward keeps full rows of D, padded to a
 power of two, in registers); fp32, fp16, bf16. Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1,
@@ -52,16 +53,43 @@ import triton.language as tl
 
 from ._common import INTERPRET as _INTERPRET
 from ._common import empty as _empty
+from ._common import launch as _launch
 from ._common import launch_args as _launch_args
 
 
-# Fixed block sizes (no autotune; not measured). Forward: a plain 64 x 64 output tile with 32-wide D steps, 4
-# warps, 3 stages, the common starting point for bf16 matmuls of this size (Na = Nb = 196 -> 4 x 4 tiles).
-# Backward: 16 rows of dx per program (the (16, D_pad) fp32 accumulator is 32 registers per thread at D_pad = 512
-# and 8 warps), streaming 32 rows of the other input at a time.
-FWD_BLOCK_M, FWD_BLOCK_N, FWD_BLOCK_K = 64, 64, 32
-BWD_BLOCK_M, BWD_BLOCK_N = 16, 32
-MAX_D = 1024
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_D = 1024  # the backward keeps whole rows of D (padded to a power of two) in registers
+
+# Launch configurations (no autotune; not measured on a GPU yet). The launchers read only these, and
+# tests/test_aot_compile.py compiles every configuration they can pick for sm_80 and sm_90 (shared memory, spills).
+# Forward: a 64 x 64 output tile with 32-wide D steps, 4 warps, 3 stages, the common starting point for bf16
+# matmuls of this size (Na = Nb = 196 -> 4 x 4 tiles); D is a runtime loop bound, so one configuration per dtype.
+FWD_CONFIG = (64, 64, 32, 4, 3)  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+# Backward: BLOCK_M rows of dx per program own a (BLOCK_M, BLOCK_D) fp32 accumulator and stream BLOCK_N rows of the
+# other input; the epilogue holds ~4 (BLOCK_M, BLOCK_D) fp32 tiles (acc, x, x_hat, dx). Per padded D:
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Up to BLOCK_D = 256 the y tile is double-buffered; beyond, tiles run
+# unpipelined (one stage) and 8 warps share the registers.
+HALF_BWD_CONFIGS = {
+    16: (16, 32, 4, 2), 32: (16, 32, 4, 2), 64: (16, 32, 4, 2), 128: (16, 32, 4, 2), 256: (16, 32, 4, 2),
+    512: (16, 32, 8, 1), 1024: (16, 32, 8, 1),
+}
+# fp32: twice the bytes per element. With the half table, BLOCK_D = 256 (ViT-T's 192 among them) spilled ~0.6 KB
+# per thread on sm_90 (4.6 KB on sm_80) and 1024 spilled too, when compiled without a GPU; 8 warps from 256 and
+# 8-row programs at 1024 keep everything in registers.
+FP32_BWD_CONFIGS = {
+    16: (16, 32, 4, 2), 32: (16, 32, 4, 2), 64: (16, 32, 4, 2), 128: (16, 32, 4, 2), 256: (16, 32, 8, 2),
+    512: (16, 32, 8, 1), 1024: (8, 32, 8, 1),
+}
+
+
+def block_d(D):
+    return triton.next_power_of_2(max(D, 16))
+
+
+def bwd_config(D, dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the backward for D channels and input dtype."""
+    table = FP32_BWD_CONFIGS if dtype == torch.float32 else HALF_BWD_CONFIGS
+    return table[block_d(D)]
 
 
 @triton.jit
@@ -167,9 +195,10 @@ def _cos_bwd_kernel(
 
 
 # -----------------------------------------------------------------------------
-# wrappers
+# launchers: every launch goes through _common.launch with the configurations above
 
-def _cos_fwd(a, b, eps):
+def cos_fwd(a, b, eps):
+    """(s, na, nb): S (B, Na, Nb) in a's dtype and the fp32 row norms of a (B, Na) and b (B, Nb)."""
     Bsz, Na, D = a.shape
     Nb = b.shape[1]
     s = _empty((Bsz, Na, Nb), a.dtype, a.device)
@@ -178,14 +207,13 @@ def _cos_fwd(a, b, eps):
     if Bsz == 0 or Na == 0 or Nb == 0:
         return s, na, nb
     upcast, precision = _launch_args(a.dtype)
-    grid = (triton.cdiv(Na, FWD_BLOCK_M), triton.cdiv(Nb, FWD_BLOCK_N), Bsz)
-    _cos_fwd_kernel[grid](
-        a, b, s, na, nb,
-        *a.stride(), *b.stride(), *s.stride(),
-        Na, Nb, D, eps,
-        BLOCK_M=FWD_BLOCK_M, BLOCK_N=FWD_BLOCK_N, BLOCK_K=FWD_BLOCK_K, UPCAST=upcast, PRECISION=precision,
-        num_warps=4, num_stages=3,
-    )
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = FWD_CONFIG
+    _launch(_cos_fwd_kernel, (triton.cdiv(Na, BLOCK_M), triton.cdiv(Nb, BLOCK_N), Bsz),
+            a, b, s, na, nb,
+            *a.stride(), *b.stride(), *s.stride(),
+            Na, Nb, D, eps,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=upcast, PRECISION=precision,
+            num_warps=num_warps, num_stages=num_stages)
     return s, na, nb
 
 
@@ -199,90 +227,59 @@ def _cos_bwd_one(g_strides, g, x, y, nx, ny, eps):
     if Ny == 0:
         return dx.zero_()
     upcast, precision = _launch_args(x.dtype)
-    BLOCK_D = triton.next_power_of_2(max(D, 16))
-    _cos_bwd_kernel[(triton.cdiv(Nx, BWD_BLOCK_M), Bsz)](
-        g, x, y, nx, ny, dx,
-        *g_strides, *x.stride(), *y.stride(), *dx.stride(),
-        Nx, Ny, D, eps,
-        BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, BLOCK_D=BLOCK_D, UPCAST=upcast, PRECISION=precision,
-        # the (BLOCK_N, BLOCK_D) y tile is double-buffered up to 32 KB; larger tiles run unpipelined (compiled for
-        # sm_90: fp32 at D_pad = 1024 needs 264 KB of shared memory at 2 stages, and fp32 at 512 spilled badly)
-        # the epilogue holds ~4 (BLOCK_M, BLOCK_D) fp32 tiles (acc, x, x_hat, dx): 8 warps from D_pad = 512 keeps that
-        # in registers (4 warps spilled there when compiled for sm_90)
-        num_warps=4 if BLOCK_D <= 256 else 8, num_stages=2 if BWD_BLOCK_N * BLOCK_D * x.element_size() <= 32768 else 1,
-    )
+    BLOCK_M, BLOCK_N, num_warps, num_stages = bwd_config(D, x.dtype)
+    _launch(_cos_bwd_kernel, (triton.cdiv(Nx, BLOCK_M), Bsz),
+            g, x, y, nx, ny, dx,
+            *g_strides, *x.stride(), *y.stride(), *dx.stride(),
+            Nx, Ny, D, eps,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(D), UPCAST=upcast, PRECISION=precision,
+            num_warps=num_warps, num_stages=num_stages)
     return dx
 
 
-def _cos_bwd(g, a, b, na, nb, eps):
+def cos_bwd(g, a, b, na, nb, eps):
+    """(da, db) for G = dL/dS (B, Na, Nb), any strides."""
     sb, si, sj = g.stride()
     da = _cos_bwd_one((sb, si, sj), g, a, b, na, nb, eps)
     db = _cos_bwd_one((sb, sj, si), g, b, a, nb, na, eps)  # G^T: swap the row/column strides
     return da, db
 
 
-# -----------------------------------------------------------------------------
-# torch.library ops (torch.compile traces through them; the implementation launches Triton on the tensors' device)
-
-@torch.library.custom_op("pretext::cosine_similarity_fwd", mutates_args=())
-def cosine_similarity_fwd_op(a: torch.Tensor, b: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                      torch.Tensor]:
-    return _cos_fwd(a, b, eps)
-
-
-@cosine_similarity_fwd_op.register_fake
-def _(a, b, eps):
-    Bsz, Na, _ = a.shape
-    Nb = b.shape[1]
-    return (a.new_empty((Bsz, Na, Nb)), a.new_empty((Bsz, Na), dtype=torch.float32),
-            a.new_empty((Bsz, Nb), dtype=torch.float32))
-
-
-@torch.library.custom_op("pretext::cosine_similarity_bwd", mutates_args=())
-def cosine_similarity_bwd_op(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, na: torch.Tensor, nb: torch.Tensor,
-                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _cos_bwd(g, a, b, na, nb, eps)
-
-
-@cosine_similarity_bwd_op.register_fake
-def _(g, a, b, na, nb, eps):
-    return torch.empty_like(a, memory_format=torch.contiguous_format), \
-        torch.empty_like(b, memory_format=torch.contiguous_format)
-
-
-def _cos_setup_context(ctx, inputs, output):
-    a, b, eps = inputs
-    _, na, nb = output
-    ctx.save_for_backward(a, b, na, nb)
-    ctx.eps = eps
-    ctx.mark_non_differentiable(na, nb)
-
-
-def _cos_backward(ctx, g, gna, gnb):
-    a, b, na, nb = ctx.saved_tensors
-    da, db = cosine_similarity_bwd_op(g, a, b, na, nb, ctx.eps)
-    return da, db, None
-
-
-cosine_similarity_fwd_op.register_autograd(_cos_backward, setup_context=_cos_setup_context)
-
-
-# -----------------------------------------------------------------------------
-# public API (what kernels/__init__.py imports)
-
-def cosine_similarity(a, b, eps=1e-12):
-    """Cosine similarity of every a-token with every b-token: (B, Na, D), (B, Nb, D) -> (B, Na, Nb) in a's dtype."""
+def check(a, b):
+    """Raise ValueError unless a, b are what the kernels take."""
     if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
         raise ValueError(f"cosine_similarity: need a (B, Na, D) and b (B, Nb, D), got {tuple(a.shape)} "
                          f"and {tuple(b.shape)}")
     if a.dtype != b.dtype or a.device != b.device:
         raise ValueError(f"cosine_similarity: a and b must share dtype and device, got {a.dtype} {a.device} "
                          f"and {b.dtype} {b.device}")
-    if a.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if a.dtype not in DTYPES:
         raise ValueError(f"cosine_similarity: dtype must be fp32, fp16 or bf16, got {a.dtype}")
     if a.shape[2] > MAX_D:
         raise ValueError(f"cosine_similarity: D must be <= {MAX_D}, got {a.shape[2]}")
-    if not (a.is_cuda or _INTERPRET):
+    if not (a.is_cuda or _INTERPRET or a.is_meta):
         raise ValueError("cosine_similarity: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
-    s, _, _ = cosine_similarity_fwd_op(a, b, float(eps))
-    return s
+
+
+# -----------------------------------------------------------------------------
+# the Triton-only API, with autograd (kernels.cosine_similarity in kernels/ops.py adds routing and torch.compile)
+
+class _CosineSimilarity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, eps):
+        s, na, nb = cos_fwd(a, b, eps)
+        ctx.save_for_backward(a, b, na, nb)
+        ctx.eps = eps
+        return s
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b, na, nb = ctx.saved_tensors
+        da, db = cos_bwd(g, a, b, na, nb, ctx.eps)
+        return da, db, None
+
+
+def cosine_similarity(a, b, eps=1e-12):
+    """Cosine similarity of every a-token with every b-token: (B, Na, D), (B, Nb, D) -> (B, Na, Nb) in a's dtype."""
+    check(a, b)
+    return _CosineSimilarity.apply(a, b, float(eps))

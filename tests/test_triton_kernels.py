@@ -6,7 +6,7 @@ upcast path. With a GPU the same tests run on CUDA in fp32, fp16 and bf16 (and t
 TRITON_INTERPRET=1 was set by the caller). Interpreter programs run one at a time, so shapes keep B*H small.
 
 Every output buffer is poisoned with NaN before launch (POISON_OUTPUTS), so an element a kernel forgets to write
-fails. References are computed in fp32 from the same (rounded) inputs. Tolerances, |got - ref| <= atol + rtol*|ref|:
+fails. References are computed in float64 from the same (rounded) inputs. Tolerances, |got - ref| <= atol + rtol*|ref|:
 
     op                       fp32 (ieee dots)   fp16               bf16
     attention fwd            1e-4 / 1e-4        2e-3 / 2e-3        2e-2 / 2e-2
@@ -69,7 +69,7 @@ def poison_and_seed(monkeypatch, request):
 
 def close(got, ref, tol, name=""):
     atol, rtol = tol
-    got, ref = got.float(), ref.float()
+    got, ref = got.double(), ref.double()
     err = (got - ref).abs()
     print(f"{name}: max abs diff {err.max().item() if err.numel() else 0:.3e}, "
           f"mean {err.mean().item() if err.numel() else 0:.3e}")
@@ -98,6 +98,11 @@ ATTN_SHAPES = [  # (B, H, N, D, layout)
     (1, 2, 50, 32, "qkv"),
     (1, 1, 197, 128, "qkv"),
 ]
+# every head dim the kernels take (attention.HEAD_DIMS: multiples of 16 up to 128; 48, 80, 96, 112 are padded to
+# the next power of two and masked) at N = 1, 50, 197: the I-JEPA predictor (16), MAE decoder (32), ViT-S/B/L (64),
+# ViT-H/14 (80)
+HEAD_DIM_SHAPES = [(2, 2, 1, D, "qkv") for D in attn_mod.HEAD_DIMS] + \
+    [(2, 1, 50, D, "qkv") for D in attn_mod.HEAD_DIMS] + [(1, 2, 197, D, "qkv") for D in attn_mod.HEAD_DIMS]
 
 
 def check_attention(B, H, N, D, layout, device, dtype, scale=None):
@@ -109,10 +114,10 @@ def check_attention(B, H, N, D, layout, device, dtype, scale=None):
     do = torch.randn(B, H, N, D, device=device).to(dtype)
     (g,) = torch.autograd.grad(o, leaf, do)
 
-    ref_leaf = leaf.detach().float().requires_grad_()
+    ref_leaf = leaf.detach().double().requires_grad_()
     rq, rk, rv = (ref_leaf.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4) if layout == "qkv" else ref_leaf.unbind(0))
     ro = attention_ref(rq, rk, rv, scale)
-    (rg,) = torch.autograd.grad(ro, ref_leaf, do.float())
+    (rg,) = torch.autograd.grad(ro, ref_leaf, do.double())
     close(o, ro, FWD_TOL[dtype], "attention fwd")
     close(g, rg, BWD_TOL[dtype], "attention bwd (dq, dk, dv)")
 
@@ -123,24 +128,36 @@ def test_attention(B, H, N, D, layout, device, dtype):
     check_attention(B, H, N, D, layout, device, dtype)
 
 
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("B,H,N,D,layout", HEAD_DIM_SHAPES)
+def test_attention_every_head_dim(B, H, N, D, layout, device, dtype):
+    check_attention(B, H, N, D, layout, device, dtype)
+
+
+@pytest.mark.parametrize("device,dtype", [BF16_CPU, pytest.param("cuda", torch.bfloat16, marks=gpu, id="cuda-bf16")])
+@pytest.mark.parametrize("D", [16, 80])
+def test_attention_bf16_small_and_padded_head_dims(D, device, dtype):
+    check_attention(1, 2, 197, D, "qkv", device, dtype)
+
+
 @pytest.mark.parametrize("device,dtype", [BF16_CPU, pytest.param("cuda", torch.bfloat16, marks=gpu, id="cuda-bf16")])
 def test_attention_bf16_and_scale(device, dtype):
     check_attention(2, 1, 50, 64, "qkv", device, dtype, scale=0.3)
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
-@pytest.mark.parametrize("N", [1, 50, 197])
-def test_attention_map(N, device, dtype):
-    B, H, D = 1, 2, 64
+@pytest.mark.parametrize("N,D", [(1, 64), (50, 64), (197, 64), (197, 16), (50, 80)])
+def test_attention_map(N, D, device, dtype):
+    B, H = 1, 2
     _, q, k, _ = make_qkv(B, H, N, D, dtype, device, "qkv")
     mean = attn_mod.attention_map(q, k)
     assert mean.shape == (B, H, N) and mean.dtype == torch.float32
-    close(mean, attention_map_ref(q, k), MAP_TOL, "attention_map mean")
+    close(mean, attention_map_ref(q.double(), k.double()), MAP_TOL, "attention_map mean")
     close(mean.sum(-1), torch.ones(B, H, device=device), MAP_TOL, "attention_map mean sums")
     idx = torch.tensor([0, N - 1, -1, N // 2, 0], device=device)  # first, last, negative, middle, repeated
     rows = attn_mod.attention_map(q, k, idx, scale=0.2)
     assert rows.shape == (B, H, 5, N) and rows.dtype == torch.float32
-    close(rows, attention_map_ref(q, k, idx, scale=0.2), MAP_TOL, "attention_map rows")
+    close(rows, attention_map_ref(q.double(), k.double(), idx, scale=0.2), MAP_TOL, "attention_map rows")
     close(rows.sum(-1), torch.ones(B, H, 5, device=device), MAP_TOL, "attention_map row sums")
 
 
@@ -163,8 +180,8 @@ def test_attention_runtime_n_no_recompile():
 
 
 def test_attention_rejects_bad_head_dim():
-    q = torch.randn(1, 1, 4, 48, device="cuda" if HAS_CUDA else "cpu")
-    with pytest.raises(ValueError):
+    q = torch.randn(1, 1, 4, 40, device="cuda" if HAS_CUDA else "cpu")
+    with pytest.raises(ValueError, match="head dim must be one of"):
         attn_mod.attention(q, q, q)
 
 
@@ -186,6 +203,8 @@ GATHER_CASES = [  # (B, N, K, D, pos: None | 1 | "B", repeated)
     (2, 197, 50, 64, "B", False),
     (2, 50, 200, 64, 1, True),  # repeats, K > BLOCK_K (two scan chunks)
     (3, 197, 40, 384, None, True),  # D > BLOCK_D (three channel blocks), repeats
+    (2, 50, 20, 24, 1, False),  # D not a power of two (padded, masked columns)
+    (2, 197, 49, 192, "B", True),  # ViT-T width: one full and one half channel block
 ]
 
 
@@ -204,9 +223,9 @@ def test_gather_tokens(B, N, K, D, pos_kind, repeated, device, dtype):
     inputs = [x] + ([pos] if pos is not None else [])
     grads = torch.autograd.grad(out, inputs, go)
 
-    ref_inputs = [t.detach().float().requires_grad_() for t in inputs]
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
     ref = gather_tokens_ref(ref_inputs[0], idx, ref_inputs[1] if pos is not None else None)
-    ref_grads = torch.autograd.grad(ref, ref_inputs, go.float())
+    ref_grads = torch.autograd.grad(ref, ref_inputs, go.double())
     # exact: one fp32 add (or sum) and one rounding, like the reference -- except that the interpreter truncates
     # fp32 -> bf16 casts (a GPU rounds to nearest even), which is up to one bf16 ulp = 2^-7 relative
     exact = (0.0, 2.0 ** -7) if INTERPRET and dtype == torch.bfloat16 else (0.0, 0.0)
@@ -251,6 +270,10 @@ COS_CASES = [  # (B, Na, Nb, D)
     (1, 50, 197, 64),
     (2, 50, 50, 32),
     (1, 50, 197, 128),
+    (2, 50, 33, 24),  # D not a power of two
+    (1, 50, 50, 192),  # ViT-T width (padded to 256: the fp32 backward that spilled before its table entry)
+    (1, 33, 20, 768),  # ViT-B width (padded to 1024)
+    (1, 20, 9, 1024),  # the largest D the kernels take
 ]
 
 
@@ -258,9 +281,9 @@ def check_cosine(a, b, g, eps, dtype):
     s = sim_mod.cosine_similarity(a, b, eps)
     assert s.shape == (a.shape[0], a.shape[1], b.shape[1]) and s.dtype == dtype
     da, db = torch.autograd.grad(s, [a, b], g)
-    ra, rb = a.detach().float().requires_grad_(), b.detach().float().requires_grad_()
+    ra, rb = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
     rs = cosine_similarity_ref(ra, rb, eps)
-    rda, rdb = torch.autograd.grad(rs, [ra, rb], g.float())
+    rda, rdb = torch.autograd.grad(rs, [ra, rb], g.double())
     close(s, rs, FWD_TOL[dtype], "cosine fwd")
     close(da, rda, BWD_TOL[dtype], "cosine grad_a")
     close(db, rdb, BWD_TOL[dtype], "cosine grad_b")
@@ -290,47 +313,62 @@ def test_cosine_similarity_eps_clamp_and_strides(device, dtype):
 
 
 # -----------------------------------------------------------------------------
-# torch.library registration: opcheck and torch.compile(fullgraph=True)
+# the torch.ops.pretext.* custom ops (kernels/ops.py) on the Triton path: opcheck and torch.compile(fullgraph=True).
+# On CPU their implementation runs the kernels in the interpreter only with PRETEXT_KERNELS=triton.
+
+ops_mod = importlib.import_module("kernels.ops")
+
 
 def _dev():
     return "cuda" if HAS_CUDA and not INTERPRET else "cpu"
 
 
-def test_opcheck():
+@pytest.fixture
+def triton_path(monkeypatch):
+    monkeypatch.setenv("PRETEXT_KERNELS", "triton")
+
+
+def test_opcheck(triton_path):
     dev = _dev()
     B, H, N, D = 1, 1, 20, 32
     q, k, v = (torch.randn(B, H, N, D, device=dev, requires_grad=True) for _ in range(3))
-    torch.library.opcheck(attn_mod.attention_fwd_op, (q, k, v, 0.2))
-    torch.library.opcheck(attn_mod.attention_map_op, (q.detach(), k.detach(), torch.tensor([1, 3], device=dev), 0.2))
-    torch.library.opcheck(attn_mod.attention_map_op, (q.detach(), k.detach(), None, 0.2))
+    torch.library.opcheck(ops_mod.attention_fwd_op, (q, k, v, 0.2))
+    torch.library.opcheck(ops_mod.attention_map_op, (q.detach(), k.detach(), torch.tensor([1, 3], device=dev), 0.2))
+    torch.library.opcheck(ops_mod.attention_map_op, (q.detach(), k.detach(), None, 0.2))
     x = torch.randn(2, 10, 16, device=dev, requires_grad=True)
     pos = torch.randn(1, 10, 16, device=dev, requires_grad=True)
     idx = make_idx(2, 10, 6, True, dev)
-    torch.library.opcheck(gather_mod.gather_tokens_fwd_op, (x, idx, pos))
-    torch.library.opcheck(gather_mod.gather_tokens_fwd_op, (x, idx, None))
+    torch.library.opcheck(ops_mod.gather_tokens_fwd_op, (x, idx, pos))
+    torch.library.opcheck(ops_mod.gather_tokens_fwd_op, (x, idx, None))
     a = torch.randn(2, 7, 16, device=dev, requires_grad=True)
     b = torch.randn(2, 5, 16, device=dev, requires_grad=True)
-    torch.library.opcheck(sim_mod.cosine_similarity_fwd_op, (a, b, 1e-12))
+    torch.library.opcheck(ops_mod.cosine_similarity_fwd_op, (a, b, 1e-12))
 
 
-def test_torch_compile_fullgraph():
-    """dynamo traces through all three ops (fake impls + registered autograd); aot_eager keeps it cheap on CPU."""
+def test_torch_compile_fullgraph(triton_path):
+    """dynamo traces the public API through all three ops (fake impls + registered autograd) on the Triton path;
+    aot_eager keeps it cheap on CPU."""
     dev = _dev()
     B, H, N, D = 1, 2, 24, 32
 
     def step(qkv, x, idx, pos):
         q, k, v = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
-        o = attn_mod.attention(q, k, v)  # (B, H, N, D)
-        t = gather_mod.gather_tokens(x + o.transpose(1, 2).reshape(B, N, H * D), idx, pos)  # (B, K, C)
-        return sim_mod.cosine_similarity(t, t).sum()
+        o = kernels.attention(q, k, v)  # (B, H, N, D)
+        t = kernels.gather_tokens(x + o.transpose(1, 2).reshape(B, N, H * D), idx, pos)  # (B, K, C)
+        return kernels.cosine_similarity(t, t).sum()
 
     qkv = torch.randn(B, N, 3 * H * D, device=dev, requires_grad=True)
     x = torch.randn(B, N, H * D, device=dev)
     pos = torch.randn(1, N, H * D, device=dev, requires_grad=True)
     idx = make_idx(B, N, 10, True, dev)
+    kernels.reset_report()
+    torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     loss = compiled(qkv, x, idx, pos)
     grads = torch.autograd.grad(loss, [qkv, pos])
+    report = kernels.report()
+    assert {op: r["path"] for op, r in report.items()} == {"attention": "triton", "gather_tokens": "triton",
+                                                            "cosine_similarity": "triton"}, report
     ref_loss = step(qkv, x, idx, pos)
     ref_grads = torch.autograd.grad(ref_loss, [qkv, pos])
     close(loss, ref_loss, (1e-4, 1e-4), "compiled loss")
