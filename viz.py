@@ -46,6 +46,8 @@ segscore (section 4.1, the liver of AUL in the paper):
 """
 import argparse
 import csv
+import json
+import math
 import os
 import sys
 import zlib
@@ -551,6 +553,196 @@ def print_summary(summary, paths, out, seed):
         print(f"  {tag} = {p}")
 
 # -----------------------------------------------------------------------------
+# curves: loss, learning rate and the collapse diagnostics of runs' log.jsonl, one PNG
+
+# (log field, panel title); the diagnostics are the methods' collapse diagnostic on a fixed batch (emb_std: std
+# of the L2-normalised pooled embedding x sqrt(D), ~1 healthy, -> 0 collapsed, SimSiam 4.1; rankme: effective
+# rank of the pooled features, Garrido et al. 2023 eq. 1; patch_std: std across images of the layer-normed
+# token at one position, -> 0 when the tokens carry position only)
+CURVES = (("loss", "loss"), ("lr", "learning rate"), ("emb_std", "emb_std (pooled embedding; ~1 healthy, 0 collapsed)"),
+          ("rankme", "RankMe (effective rank of pooled features)"),
+          ("patch_std", "patch_std (same position across images)"))
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]   # matplotlib's tab10
+PANEL = (460, 250)          # plot area of one panel (px)
+
+
+def read_log(run):
+    """RUN folder (its log.jsonl) or a .jsonl file -> (path, records in file order). A cut-off last line, as a run
+    killed mid-write leaves, is dropped with a note; any other line that is not a JSON object with a step is an
+    error naming the file and line."""
+    path = os.path.join(run, "log.jsonl") if os.path.isdir(run) else run
+    if not os.path.isfile(path):
+        where = f"{run}: no log.jsonl in this folder" if os.path.isdir(run) else f"{run}: no such file or folder"
+        raise ValueError(f"{where}; pass a run folder (the --out of mae.py, dino.py or ijepa.py) or its log.jsonl")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    lines = text.split("\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:                                   # no newline after it: cut off mid-write
+                print(f"viz.py: {path}: dropped the cut-off last line {i + 1}", file=sys.stderr)
+                continue
+            raise ValueError(f"{path}: line {i + 1} is not JSON ({line[:60]!r}); the log is damaged, remove "
+                             f"that line") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
+            raise ValueError(f"{path}: line {i + 1} has no numeric \"step\"; is this a pretext training log?")
+        records.append(rec)
+    if not records:
+        raise ValueError(f"{path}: no logged steps (empty log); the run has not written a line yet")
+    return path, records
+
+
+def series(records, key):
+    """-> steps (n,), values (n,) float64 of the records that hold a finite number under key (null = non-finite)."""
+    pts = [(r["step"], r[key]) for r in records
+           if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) and math.isfinite(r[key])]
+    if not pts:
+        return np.zeros(0), np.zeros(0)
+    a = np.asarray(pts, dtype=np.float64)
+    return a[:, 0], a[:, 1]
+
+
+def bin_series(x, y, n, log):
+    """Average consecutive points into at most n bins (in log space on a log axis): a 100k-step log stays a line."""
+    if len(x) <= n:
+        return x, y
+    edges = np.linspace(0, len(x), n + 1).astype(np.int64)
+    v = np.log10(y) if log else y
+    xb = np.array([x[a:b].mean() for a, b in zip(edges[:-1], edges[1:])])
+    vb = np.array([v[a:b].mean() for a, b in zip(edges[:-1], edges[1:])])
+    return xb, (10 ** vb if log else vb)
+
+
+def nice_ticks(lo, hi, n=5):
+    """Round tick values (1, 2, 5 x 10^k steps) covering [lo, hi], about n of them."""
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / max(n - 1, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [first + k * step for k in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def tick_label(v):
+    if v == 0:
+        return "0"
+    if abs(v) >= 1e4 or abs(v) < 1e-3:
+        return f"{v:.0e}".replace("e-0", "e-").replace("e+0", "e")
+    return f"{v:.4g}"
+
+
+def axis_range(values, log):
+    """(lo, hi) of the y axis: padded data range, whole decades on a log axis, never empty."""
+    lo, hi = float(min(v.min() for v in values)), float(max(v.max() for v in values))
+    if log:
+        return 10 ** math.floor(math.log10(lo)), 10 ** math.ceil(math.log10(hi) + 1e-12)
+    if hi == lo:
+        pad = abs(lo) * 0.1 or 1.0
+        return lo - pad, hi + pad
+    pad = 0.05 * (hi - lo)
+    return lo - pad, hi + pad
+
+
+def draw_panel(fig, x0, y0, title, runs, key, fonts):
+    """One panel at (x0, y0): frame, grid, ticks, a line per run (dots when few points); log y for a loss that
+    spans more than a decade."""
+    d = ImageDraw.Draw(fig)
+    W, H = PANEL
+    f_title, f_tick = fonts
+    d.text((x0, y0 - 20), title, fill=(20, 20, 20), font=f_title)
+    data = [(color, *series(recs, key)) for color, recs in runs]
+    data = [(c, x, y) for c, x, y in data if len(x)]
+    d.rectangle([x0, y0, x0 + W, y0 + H], outline=(90, 90, 90))
+    if not data:
+        d.text((x0 + W / 2, y0 + H / 2), f'no "{key}" in these logs', fill=(120, 120, 120), font=f_tick, anchor="mm")
+        return
+    ys = [y for _, _, y in data]
+    log = key == "loss" and min(v.min() for v in ys) > 0 and max(v.max() for v in ys) > 10 * min(v.min() for v in ys)
+    lo, hi = axis_range(ys, log)
+    xlo = min(x.min() for _, x, _ in data)
+    xhi = max(x.max() for _, x, _ in data)
+    if xhi == xlo:
+        xlo, xhi = xlo - 1, xhi + 1
+    def px(x):
+        return x0 + (x - xlo) / (xhi - xlo) * W
+
+    def py(v):
+        t = (math.log10(v) - math.log10(lo)) / (math.log10(hi) - math.log10(lo)) if log else (v - lo) / (hi - lo)
+        return y0 + H - t * H
+
+    yt = [10.0 ** k for k in range(round(math.log10(lo)), round(math.log10(hi)) + 1)] if log else nice_ticks(lo, hi)
+    for v in yt:
+        if lo <= v <= hi:
+            d.line([(x0 + 1, py(v)), (x0 + W - 1, py(v))], fill=(230, 230, 230))
+            d.text((x0 - 5, py(v)), tick_label(v), fill=(60, 60, 60), font=f_tick, anchor="rm")
+    for v in nice_ticks(xlo, xhi, 6):
+        if xlo <= v <= xhi:
+            d.line([(px(v), y0 + H), (px(v), y0 + H + 4)], fill=(90, 90, 90))
+            d.text((px(v), y0 + H + 6), tick_label(v), fill=(60, 60, 60), font=f_tick, anchor="mt")
+    d.text((x0 + W / 2, y0 + H + 22), "step", fill=(60, 60, 60), font=f_tick, anchor="mt")
+    if log:
+        d.text((x0 + W - 4, y0 + 4), "log scale", fill=(120, 120, 120), font=f_tick, anchor="rt")
+    for color, x, y in data:
+        xb, yb = bin_series(x, y, 2 * W, log)
+        pts = [(px(a), py(b)) for a, b in zip(xb, yb)]
+        if len(pts) > 1:
+            d.line(pts, fill=color, width=2, joint="curve")
+        if len(pts) <= 40:                                            # sparse (diagnostics): mark each point
+            for cx, cy in pts:
+                d.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=color)
+
+
+def curves(runs, out, names=None, title=None):
+    """Draw the runs' loss, learning rate and collapse diagnostics into one PNG at `out`; -> out."""
+    if names is not None and len(names) != len(runs):
+        raise ValueError(f"--names gives {len(names)} names for {len(runs)} runs; give one per run")
+    logs = [read_log(r) for r in runs]
+    if names is None:
+        names = [Path(p).parent.name or Path(p).stem for p, _ in logs]
+    present = [(k, t) for k, t in CURVES if k in ("loss", "lr") or any(k in r for _, recs in logs for r in recs)]
+    fonts = (font(13, True), font(11))
+    W, H = PANEL
+    M, LW, GAP_X, GAP_Y, TOP = 16, 56, 40, 76, 40
+    cols = 2
+    rows = -(-len(present) // cols)
+    f_title, f_leg = font(16, True), font(12)
+    # the legend: a swatch and a name per run, wrapped to the figure width
+    fig_w = M + cols * (LW + W) + (cols - 1) * GAP_X + M
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    items, x, line = [], 0, 0
+    for i, n in enumerate(names):
+        w = 22 + probe.textlength(n, font=f_leg) + 18
+        if x + w > fig_w - 2 * M and x > 0:
+            x, line = 0, line + 1
+        items.append((x, line, n, PALETTE[i % len(PALETTE)]))
+        x += w
+    leg_h = 20 * (line + 1)
+    fig_h = M + TOP + leg_h + 24 + rows * (H + GAP_Y) + M
+    fig = Image.new("RGB", (int(fig_w), int(fig_h)), (255, 255, 255))
+    d = ImageDraw.Draw(fig)
+    d.text((M, M), fit_text(d, title or "training curves: " + ", ".join(names), f_title, fig_w - 2 * M),
+           fill=(20, 20, 20), font=f_title)
+    for x, line, n, color in items:
+        ly = M + TOP + 20 * line
+        d.line([(M + x, ly + 8), (M + x + 16, ly + 8)], fill=color, width=3)
+        d.text((M + x + 22, ly + 8), n, fill=(20, 20, 20), font=f_leg, anchor="lm")
+    runs_c = [(PALETTE[i % len(PALETTE)], recs) for i, (_, recs) in enumerate(logs)]
+    for j, (key, ptitle) in enumerate(present):
+        px0 = M + LW + (j % cols) * (LW + W + GAP_X)
+        py0 = M + TOP + leg_h + 24 + (j // cols) * (H + GAP_Y)
+        draw_panel(fig, px0, py0, ptitle, runs_c, key, fonts)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_png(fig, out)
+    return out
+
+# -----------------------------------------------------------------------------
 # command line
 
 
@@ -583,8 +775,15 @@ def main(argv=None):
     s.add_argument("--out", default="runs/viz/segscore.csv", metavar="CSV")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    c = sub.add_parser("curves", help="loss, learning rate and collapse diagnostics of runs' log.jsonl, one PNG")
+    c.add_argument("runs", nargs="+", metavar="RUN", help="run folders (the --out of a method) or log.jsonl files")
+    c.add_argument("--out", required=True, metavar="FILE.png")
+    c.add_argument("--names", nargs="+", metavar="NAME", help="legend names, one per run (default: folder names)")
+    c.add_argument("--title", help="figure title (default: the run names)")
     args = ap.parse_args(argv)
-    if args.cmd == "maps":
+    if args.cmd == "curves":
+        print(f"wrote {curves(args.runs, args.out, args.names, args.title)}")
+    elif args.cmd == "maps":
         written = maps(args.ckpts, args.images, args.out, args.anchor, args.query, args.joint_pca, args.names,
                        args.device)
         print("\n".join(f"wrote {p}" for p in written))

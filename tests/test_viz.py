@@ -1,7 +1,11 @@
 """viz.py: attention against an explicit softmax, similarity, PCA against sklearn, section 4.1 scores against
 sklearn / scipy, figures for odd image sizes, and errors that name the file."""
 import csv
+import json
 import math
+import os
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -14,6 +18,8 @@ from sklearn.metrics import roc_auc_score
 
 import viz
 from vit import ViT, ViTConfig, save_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 KINDS = {  # tiny stand-ins for the three methods' encoders: 8 px patches, 32 px training size
     "mae": (dict(), "cls"),
@@ -270,3 +276,106 @@ def test_segscore_errors_name_both_files(tmp_path):
     assert not (tmp_path / "s.csv").exists()                          # nothing written on bad input
     with pytest.raises(ValueError, match="--masks .*nope: no such directory"):
         viz.main(args[:6] + [str(tmp_path / "nope")])
+
+# -----------------------------------------------------------------------------
+# curves
+
+
+def log_records(n=200, loss=lambda t: 10 ** (-3 * t), diag_every=20):
+    """A contract-3 log: a step-0 diagnostic line, then one line per step, the diagnostic merged every diag_every."""
+    recs = [{"step": 0, "epoch": 0, "lr": 0.0, "emb_std": 0.9, "rankme": 40.0, "patch_std": 0.3}]
+    for s in range(1, n + 1):
+        r = {"step": s, "epoch": 0, "loss": loss(s / n), "lr": 1e-3 * min(1.0, 4 * s / n), "wd": 0.04}
+        if s % diag_every == 0:
+            r.update(emb_std=0.9 - 0.5 * s / n, rankme=40.0 - 30 * s / n, patch_std=0.3 - 0.2 * s / n)
+        recs.append(r)
+    return recs
+
+
+def write_log(run, recs, tail=""):
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + tail)
+    return str(run)
+
+
+def colour_pixels(img, colour):
+    a = np.asarray(img.convert("RGB")).astype(np.int64)
+    ys, xs = np.nonzero((a == np.array(colour)).all(-1))
+    return xs, ys
+
+
+def test_curves_draws_every_run_and_every_logged_diagnostic(tmp_path, capsys):
+    recs = log_records()
+    recs[5]["loss"] = None                                            # step 5 non-finite: written as null (contract 3)
+    a = write_log(tmp_path / "mae", recs)
+    b = write_log(tmp_path / "dino", log_records(n=120, loss=lambda t: 12 - 2 * t))
+    out = tmp_path / "figs" / "curves.png"
+    viz.main(["curves", a, b + "/log.jsonl", "--out", str(out)])
+    assert f"wrote {out}" in capsys.readouterr().out
+    img = Image.open(out)
+    for c in viz.PALETTE[:2]:                                         # each run's colour: legend and lines
+        assert len(colour_pixels(img, c)[0]) > 200
+    assert len(colour_pixels(img, viz.PALETTE[2])[0]) == 0            # no third run
+    # five panels (loss, lr, emb_std, rankme, patch_std) in two columns: three rows; without diagnostics one row
+    c = write_log(tmp_path / "old", [{k: v for k, v in r.items() if k not in ("emb_std", "rankme", "patch_std")}
+                                     for r in log_records()])
+    viz.curves([c], str(tmp_path / "old.png"))
+    h3, h1 = img.size[1], Image.open(tmp_path / "old.png").size[1]
+    assert h3 - h1 == 2 * (viz.PANEL[1] + 76)
+    steps, loss = viz.series(recs, "loss")                            # null dropped, step 0 has no loss
+    assert len(steps) == 199 and 0 not in steps and 5 not in steps and np.isfinite(loss).all()
+    assert len(viz.series([{"step": 1, "loss": True}], "loss")[0]) == 0   # a bool is not a number
+
+
+@pytest.mark.parametrize("loss,log", [(lambda t: 10 ** (-3 * t), True), (lambda t: 1.0 - 0.4 * t, False)])
+def test_curves_loss_axis_is_log_when_it_spans_decades(loss, log):
+    # exponential decay over 3 decades is a straight line only on a log axis, a linear ramp only on a linear one
+    recs = log_records(n=300, loss=loss)
+    fig = Image.new("RGB", (viz.PANEL[0] + 200, viz.PANEL[1] + 200), (255, 255, 255))
+    viz.draw_panel(fig, 100, 60, "loss", [(viz.PALETTE[0], recs)], "loss", (viz.font(13, True), viz.font(11)))
+    xs, ys = colour_pixels(fig, viz.PALETTE[0])
+    assert xs.min() <= 102 and xs.max() >= 100 + viz.PANEL[0] - 2    # spans the panel's width
+    fit = np.polyfit(xs, ys, 1)
+    assert np.abs(ys - np.polyval(fit, xs)).max() < 3.0
+    assert ys.max() - ys.min() > 0.8 * viz.PANEL[1]                  # the axis range follows the data
+
+
+def test_curves_bad_logs_name_the_file(tmp_path, capsys):
+    out = tmp_path / "c.png"
+    out.write_bytes(b"previous figure")
+    with pytest.raises(ValueError, match=r"nope: no such file or folder"):
+        viz.main(["curves", str(tmp_path / "nope"), "--out", str(out)])
+    (tmp_path / "norun").mkdir()
+    with pytest.raises(ValueError, match=r"norun: no log\.jsonl in this folder"):
+        viz.main(["curves", str(tmp_path / "norun"), "--out", str(out)])
+    empty = write_log(tmp_path / "empty", [])
+    with pytest.raises(ValueError, match=r"empty/log\.jsonl: no logged steps"):
+        viz.main(["curves", empty, "--out", str(out)])
+    recs = log_records(n=20)
+    bad = tmp_path / "bad"
+    write_log(bad, recs)
+    lines = (bad / "log.jsonl").read_text().split("\n")
+    lines[3] = lines[3][:10]                                          # damaged in the middle: an error, line 4
+    (bad / "log.jsonl").write_text("\n".join(lines))
+    with pytest.raises(ValueError, match=r"bad/log\.jsonl: line 4 is not JSON"):
+        viz.main(["curves", str(bad), "--out", str(out)])
+    write_log(tmp_path / "nostep", [{"loss": 1.0}])
+    with pytest.raises(ValueError, match=r"line 1 has no numeric \"step\""):
+        viz.main(["curves", str(tmp_path / "nostep"), "--out", str(out)])
+    ok = write_log(tmp_path / "ok", recs)
+    with pytest.raises(ValueError, match="2 names for 1 runs"):
+        viz.main(["curves", ok, "--names", "A", "B", "--out", str(out)])
+    assert out.read_bytes() == b"previous figure"                     # nothing written on bad input
+    # a run killed mid-write: the cut-off last line is dropped with a note, the rest is drawn
+    cut = write_log(tmp_path / "cut", recs, tail='{"step": 21, "loss": 0.')
+    viz.main(["curves", cut, "--out", str(out)])
+    assert "dropped the cut-off last line 22" in capsys.readouterr().err
+    assert viz.read_log(cut)[1][-1]["step"] == 20
+    assert Image.open(out).size[0] > 0
+
+
+def test_curves_cli_error_is_a_message_not_a_traceback(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "viz.py"), "curves", str(tmp_path / "nope"), "--out",
+                        str(tmp_path / "c.png")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "viz.py: error:" in r.stderr and "nope" in r.stderr
+    assert "Traceback" not in r.stderr
