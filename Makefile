@@ -100,6 +100,15 @@ paper: $(VENV)
 test: $(VENV)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
+# make gpu-check [OUT=runs/gpu-check]: the first GPU session in one command, <= 8 min on one H100/H200 (CUDA kernel
+# tests, kernels vs every SDPA backend, training steps eager and compiled, a torchrun launch of ijepa.py), written
+# to OUT/gpu-check.md and .json; BENCHMARKS.md says what it compares. Runs with the python that has CUDA torch:
+# the .venv when there is one, else python3 (GPU_PY=... to choose); no install step, nothing downloaded.
+GPU_PY ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
+.PHONY: gpu-check
+gpu-check:
+	$(GPU_PY) bench.py gpu-check --out $(or $(OUT),runs/gpu-check)
+
 # make fix-copies: rewrite the plumbing copied from mae.py into dino.py, ijepa.py, prep/ultrasound.py
 .PHONY: fix-copies
 fix-copies:

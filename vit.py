@@ -10,7 +10,7 @@
     python vit.py demo                                                                     # smoke run
 
 Layout follows timm's VisionTransformer so MAE, I-JEPA and timm weights map with at most a prefix strip
-(../shared/reference/ssl-methods.md section 1): `cls_token`, `reg_token`, `pos_embed`, `patch_embed.proj`,
+(the state dict of timm's `vit_small_patch16_224`): `cls_token`, `reg_token`, `pos_embed`, `patch_embed.proj`,
 `blocks.{i}.norm1 / attn.qkv / attn.proj / ls1.gamma / norm2 / mlp.fc1 / mlp.fc2 / ls2.gamma`, `norm`.
 Token order is [cls, registers, patches] as in DINOv3.
 
@@ -538,8 +538,11 @@ def demo_main(argv=None):
 # -----------------------------------------------------------------------------
 # official checkpoints: `python vit.py convert SRC --from mae|ijepa|dinov3|timm --out X.safetensors`
 #
-# Key names and shapes: ../shared/reference/ssl-methods.md section 1. The ViT layout above is timm's, so MAE,
-# I-JEPA and timm weights map by name; DINOv3 needs storage_tokens -> reg_token and its masked k-bias folded.
+# Key names and shapes: those of timm's VisionTransformer (vit_small_patch16_224), which MAE's models_mae.py and
+# I-JEPA's src/models/vision_transformer.py follow (I-JEPA saves encoder / predictor / target_encoder with DDP's
+# "module." prefix, src/train.py:248-260); DINOv3 (dinov3/models/vision_transformer.py) names the registers
+# storage_tokens and masks the k part of the qkv bias. So MAE, I-JEPA and timm weights map by name; DINOv3 needs
+# storage_tokens -> reg_token and its masked k-bias folded.
 # Nothing is unpickled beyond tensors and plain containers: torch.load(weights_only=True), or safetensors.
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

@@ -186,14 +186,21 @@ def compile_one(job):
         return {"ok_compile": False, "error": f"{type(e).__name__}: {str(e)[:2000]}", "seconds": 0.0}
     seconds = time.perf_counter() - t0
     text = log.getvalue()
+    ptxas = ptxas_report(text)
+    if ptxas is None:
+        return {"ok_compile": False, "error": f"no ptxas -v report in the compile log:\n{text[:2000]}",
+                "seconds": seconds}
+    return {"ok_compile": True, "shared": int(compiled.metadata.shared), **ptxas, "seconds": round(seconds, 2)}
+
+
+def ptxas_report(text):
+    """ptxas -v's log -> {registers, stack, spill_stores, spill_loads} (the worst function), None without one."""
     regs = [int(r) for r in PTXAS_REGS.findall(text)]
     spills = PTXAS_SPILL.findall(text)
     if not regs or not spills:
-        return {"ok_compile": False, "error": f"no ptxas -v report in the compile log:\n{text[:2000]}",
-                "seconds": seconds}
-    return {"ok_compile": True, "shared": int(compiled.metadata.shared), "registers": max(regs),
-            "stack": max(int(s[0]) for s in spills), "spill_stores": max(int(s[1]) for s in spills),
-            "spill_loads": max(int(s[2]) for s in spills), "seconds": round(seconds, 2)}
+        return None
+    return {"registers": max(regs), "stack": max(int(s[0]) for s in spills),
+            "spill_stores": max(int(s[1]) for s in spills), "spill_loads": max(int(s[2]) for s in spills)}
 
 
 def judge(result, dtype, cc):
@@ -256,6 +263,16 @@ def save_cache(path, cache):
     os.replace(tmp, path)  # atomic: a concurrent run never reads half a file
 
 
+def show_progress(done, total, t0, stream=None):
+    """'compiled done/total' on stderr: rewritten in place on a terminal, else (a CI log) one line per tenth."""
+    stream = stream or sys.stderr
+    msg = f"kernels.aot: compiled {done}/{total} ({time.perf_counter() - t0:.0f} s)"
+    if stream.isatty():
+        print(f"\r{msg}", end="\n" if done == total else "", file=stream, flush=True)
+    elif done == total or done * 10 // total > (done - 1) * 10 // total:
+        print(msg, file=stream, flush=True)
+
+
 def run(targets=TARGETS, n_jobs=2, cache_path=CACHE, only=None, dtypes=None, progress=True):
     """Compile every launch for every target (cached); returns (rows, stats) with each row's result and problems."""
     todo = jobs(targets, only, dtypes)
@@ -273,14 +290,12 @@ def run(targets=TARGETS, n_jobs=2, cache_path=CACHE, only=None, dtypes=None, pro
                     for i, ((k, _), res) in enumerate(zip(missing, results)):
                         cache[k] = res
                         if progress:
-                            print(f"\rkernels.aot: compiled {i + 1}/{len(missing)}", end="", file=sys.stderr)
+                            show_progress(i + 1, len(missing), t0)
             else:
                 for i, (k, job) in enumerate(missing):
                     cache[k] = compile_one(job)
                     if progress:
-                        print(f"\rkernels.aot: compiled {i + 1}/{len(missing)}", end="", file=sys.stderr)
-        if progress:
-            print(file=sys.stderr)
+                        show_progress(i + 1, len(missing), t0)
         save_cache(cache_path, cache)
     rows = []
     for k, (row, job) in todo.items():

@@ -148,6 +148,10 @@ def test_attention_bf16_and_scale(device, dtype):
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("N,D", [(1, 64), (50, 64), (197, 64), (197, 16), (50, 80)])
 def test_attention_map(N, D, device, dtype):
+    check_attention_map(N, D, device, dtype)
+
+
+def check_attention_map(N, D, device, dtype):
     B, H = 1, 2
     _, q, k, _ = make_qkv(B, H, N, D, dtype, device, "qkv")
     mean = attn_mod.attention_map(q, k)
@@ -159,6 +163,25 @@ def test_attention_map(N, D, device, dtype):
     assert rows.shape == (B, H, 5, N) and rows.dtype == torch.float32
     close(rows, attention_map_ref(q.double(), k.double(), idx, scale=0.2), MAP_TOL, "attention_map rows")
     close(rows.sum(-1), torch.ones(B, H, 5, device=device), MAP_TOL, "attention_map row sums")
+
+
+# On a GPU only (the interpreter would take minutes): N = 333, past 256 and ragged in every block size, for every
+# head dim, and the attention maps at every head dim and N = 1, 50, 197, 333. With the cases above this is the grid
+# `python bench.py gpu-check` runs: every op against float64 at N = 1, 50, 197, 333, every head dim, fp32/fp16/bf16.
+GPU_DTYPES = [p for p in DEVICE_DTYPES if p.values[0] == "cuda"]
+
+
+@pytest.mark.parametrize("device,dtype", GPU_DTYPES)
+@pytest.mark.parametrize("B,H,N,D,layout", [(1, 2, 333, D, "qkv") for D in attn_mod.HEAD_DIMS])
+def test_attention_every_head_dim_n333(B, H, N, D, layout, device, dtype):
+    check_attention(B, H, N, D, layout, device, dtype)
+
+
+@pytest.mark.parametrize("device,dtype", GPU_DTYPES)
+@pytest.mark.parametrize("N", [1, 50, 197, 333])
+@pytest.mark.parametrize("D", attn_mod.HEAD_DIMS)
+def test_attention_map_every_head_dim(N, D, device, dtype):
+    check_attention_map(N, D, device, dtype)
 
 
 @gpu
@@ -206,6 +229,16 @@ GATHER_CASES = [  # (B, N, K, D, pos: None | 1 | "B", repeated)
     (2, 50, 20, 24, 1, False),  # D not a power of two (padded, masked columns)
     (2, 197, 49, 192, "B", True),  # ViT-T width: one full and one half channel block
 ]
+GATHER_CASES_GPU = [  # N = 333, on a GPU only (test_gather_tokens_n333)
+    (2, 333, 83, 384, 1, False),
+    (2, 333, 400, 64, "B", True),
+]
+
+
+@pytest.mark.parametrize("device,dtype", GPU_DTYPES)
+@pytest.mark.parametrize("B,N,K,D,pos_kind,repeated", GATHER_CASES_GPU)
+def test_gather_tokens_n333(B, N, K, D, pos_kind, repeated, device, dtype):
+    test_gather_tokens(B, N, K, D, pos_kind, repeated, device, dtype)
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES + [BF16_CPU])
@@ -275,6 +308,7 @@ COS_CASES = [  # (B, Na, Nb, D)
     (1, 33, 20, 768),  # ViT-B width (padded to 1024)
     (1, 20, 9, 1024),  # the largest D the kernels take
 ]
+COS_CASES_GPU = [(1, 333, 197, 384), (2, 333, 333, 64)]  # N = 333, on a GPU only
 
 
 def check_cosine(a, b, g, eps, dtype):
@@ -287,6 +321,12 @@ def check_cosine(a, b, g, eps, dtype):
     close(s, rs, FWD_TOL[dtype], "cosine fwd")
     close(da, rda, BWD_TOL[dtype], "cosine grad_a")
     close(db, rdb, BWD_TOL[dtype], "cosine grad_b")
+
+
+@pytest.mark.parametrize("device,dtype", GPU_DTYPES)
+@pytest.mark.parametrize("B,Na,Nb,D", COS_CASES_GPU)
+def test_cosine_similarity_n333(B, Na, Nb, D, device, dtype):
+    test_cosine_similarity(B, Na, Nb, D, device, dtype)
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
