@@ -49,7 +49,7 @@ $(VENV): requirements.txt
 # pretrain METHOD DATA OUT EPOCHS EXTRA: one pretraining run with the shared settings
 pretrain = $(PY) $(1).py --data $(R)/$(2) --out $(R)/$(3) $(ARCH) --batch-size $(BATCH) --epochs $(4) $(5)
 MAE := --warmup-epochs 1 --lr 1e-3 $(MAE_DEC)   # blr 1.5e-4 x 32/256 would barely move in 100 steps
-DINO := --epoch-length 0 --warmup 1 --tau-t-warmup 2 --freeze-last-layer 1 $(DINO_HEAD)
+DINO := --epoch-length 0 --warmup-epochs 1 --tau-t-warmup 2 --freeze-last-layer 1 $(DINO_HEAD)
 IJEPA := --warmup-epochs 2 $(IJEPA_KEEP)
 
 demo: $(VENV)

@@ -235,7 +235,8 @@ def color_jitter(y, gen, p=0.8, b=0.4, c=0.4, s=0.2, hue=0.1, gray_p=0.2):
     """RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), 0.8) + RandomGrayscale(0.2). Each op is y ->
     clamp(A y + off) with a per-image C x C matrix A; the four ops run in a random order per
     image (torchvision's randperm)."""
-    M, C, dev = y.shape[0], y.shape[1], y.device
+    M, C = y.shape[:2]
+    dev = y.device
     rand = partial(torch.rand, device=dev, generator=gen)
     I = torch.eye(C, device=dev)
     # rows: grey weights

@@ -5,7 +5,7 @@ Nothing here is downloaded: every pixel comes from numpy/scipy/pillow, so the wh
 preprocess -> probe -> analyses) runs and is tested on a laptop. The data is built so that the paper's claims
 have something to bite on, not to be mistaken for real images.
 
-Ultrasound (paper 3.3, 4.1, appendix 0.C; UltraBench layout as in shared/reference/pipelines.md 4.2)
+Ultrasound (paper 3.3, 4.1, appendix 0.C; task folders laid out like UltraBench, Tupper et al. 2025)
   Each frame is simulated in *beam space* (depth x beam angle) and then scan-converted into a convex-probe fan,
   which is how a B-mode image is actually formed. Elements, and why they are there:
   - fan on black + `scan_mask`: percentile rescaling is done inside the scan region (US-JEPA, 0.C).

@@ -4,7 +4,9 @@ that started it (tests/conftest.py run_torchrun):
     torchrun --standalone --nproc-per-node 2 tests/ddp_run.py METHOD RESULT_DIR FLAGS...
 
 writes RESULT_DIR/rank{r}.pt (the losses and the state dict of every model train() returns) or, when
-train() stops with a SystemExit, RESULT_DIR/rank{r}.exit (its message). For dino and ijepa it then
+train() stops with a SystemExit, RESULT_DIR/rank{r}.exit (its message), and in both cases
+RESULT_DIR/rank{r}.group: "destroyed", or "left initialised" when train() returned or stopped without
+tearing its process group down (a rank in that state can abort at exit). For dino and ijepa it then
 also runs their cross-rank math in a fresh gloo group (a file:// store in RESULT_DIR):
 Sinkhorn-Knopp and SIGReg over the two halves of one batch, saved as RESULT_DIR/rank{r}.math.pt.
 """
@@ -47,6 +49,9 @@ def main():
         with open(os.path.join(result, f"rank{rank}.exit"), "w") as f:
             f.write(str(e))
         return
+    finally:  # train() must leave no process group behind, whichever way it ended
+        with open(os.path.join(result, f"rank{rank}.group"), "w") as f:
+            f.write("left initialised" if dist.is_initialized() else "destroyed")
     saved = {k: v.state_dict() for k, v in out.items() if isinstance(v, torch.nn.Module)}
     mine = os.path.join(result, f"rank{rank}.pt")
     torch.save({"losses": out["losses"], "step": out["step"], **saved}, mine)

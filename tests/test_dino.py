@@ -367,7 +367,7 @@ def test_resume_is_exact_and_checkpoint_loads(tmp_path):
 
 def test_nan_stops_before_saving(tmp_path):
     data = make_frames(tmp_path / "data", n=8)
-    cfg = tiny(tmp_path / "o", "--data", data, "--lr", "1e30", "--warmup", "0", "--save-every", "1")
+    cfg = tiny(tmp_path / "o", "--data", data, "--lr", "1e30", "--warmup-epochs", "0", "--save-every", "1")
     with pytest.raises(SystemExit, match=r"step 2: loss is (nan|inf); .*ckpt.safetensors \(step 1\) is kept"):
         dino.train(cfg)
     _, meta = vit.load_checkpoint(tmp_path / "o" / "ckpt.safetensors")

@@ -274,6 +274,18 @@ def test_augment_full_crop_is_identity_and_flip_mirrors():
     assert 0.35 < (w < 0).float().mean() < 0.65                           # half of them flipped
 
 
+def test_augment_clamps_the_bicubic_crop_to_the_frame_range():
+    """Bicubic resampling overshoots at sharp edges; torchvision's PIL path rounds the crop into
+    uint8, so its values stay in [0, 1], and ours are clamped there before normalising (the
+    docstring's list of differences)."""
+    x = torch.zeros(64, 1, 32, 32, dtype=torch.uint8)
+    x[..., ::2] = 255                                  # 1-px stripes: every crop resamples an edge
+    out = mae.augment(x, torch.tensor([0.5]), torch.tensor([0.25]), tiny(), torch.Generator().manual_seed(0))
+    pixels = out * 0.25 + 0.5                                               # back in [0, 1] units
+    assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
+    assert pixels.min() < 1e-6 and pixels.max() > 1 - 1e-6  # the ends are reached, not squeezed
+
+
 def test_frames_reads_pngs_multipage_16bit_tif_and_npy(tmp_path):
     rgb = np.zeros((20, 30, 3), np.uint8)
     rgb[..., 0], rgb[..., 1] = 200, np.arange(30) * 8  # a wide frame, red + a green ramp
@@ -389,6 +401,8 @@ def test_unreadable_counts_are_summed_over_ranks(tmp_path, torchrun):
         msg = (tmp_path / f"rank{r}.exit").read_text()
         assert re.search(r"2 of the first 1\d\d frames could not be read \(> 1%\)", msg)
     assert "terminate called" not in p.stderr and not (tmp_path / "u/ckpt.safetensors").exists()
+    # the abort above came now and then; a group left behind is what caused it, every time
+    assert [(tmp_path / f"rank{r}.group").read_text() for r in (0, 1)] == ["destroyed"] * 2
 
 # -----------------------------------------------------------------------------
 # training contract: resume, DDP, NaN guard, checkpoint, figure, benchmark
@@ -438,6 +452,7 @@ def test_two_process_gloo_run_keeps_ranks_identical(frames, tmp_path, torchrun):
     assert not torch.equal(tensors["rng.0.g_dev"], tensors["rng.1.g_dev"])
     assert torch.equal(tensors["encoder.blocks.0.attn.qkv.weight"], a["encoder.blocks.0.attn.qkv.weight"])
     assert sorted(log_losses(tmp_path / "ddp")) == [1, 2, 3]
+    assert [(tmp_path / f"rank{r}.group").read_text() for r in (0, 1)] == ["destroyed"] * 2
 
 
 def test_nan_loss_stops_before_saving(frames, tmp_path):

@@ -134,6 +134,66 @@ def test_same_folder_same_frames_stats_and_errors(mixed, tmp_path):
             p.unlink(missing_ok=True)
 
 
+def test_same_stats_json_rules_in_every_method(tmp_path, capsys):
+    """One folder's normalisation, alike in all three for --in-chans 1 and 3: gray frames and a 16-bit
+    TIFF without a stats.json, with prep/ultrasound.py's (fingerprinted), after the folder changed and
+    with one written by hand; RGB frames; and the same refusals of a stats.json for another channel
+    count."""
+    gray = gray_frames(tmp_path / "gray", n=6)
+    Image.fromarray((np.arange(600).reshape(20, 30) * 100).astype(np.uint16)).save(gray / "deep16.tif")
+    rgb = tmp_path / "rgb"
+    rgb.mkdir()
+    for i in range(4):
+        a = np.random.default_rng(i).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+        a[..., 0] //= 2  # a darker red channel
+        Image.fromarray(a).save(rgb / f"c{i}.png")
+
+    def outcome(folder, chans, run):
+        """(mean, std, where from, what was printed), or the refusal, with each method's --out as OUT:
+        the same in all three."""
+        seen = []
+        for m in METHODS:
+            mod = method(m)
+            out = tmp_path / f"{run}_{m}"
+            cfg = cfg_of(m, "--data", folder, "--out", out, "--in-chans", chans, "--load-size", 40)
+            paths, counts = mod.list_frames(str(folder))
+            data = {"frames": sum(counts), "fingerprint": mod.fingerprint(str(folder), paths, counts)}
+            try:
+                mean, std, source = mod.resolve_stats(mod.Frames(paths, counts, chans, 40), cfg, data)
+            except SystemExit as e:
+                mean, std, source = "refused", None, str(e)
+            printed = capsys.readouterr().out
+            seen.append([mean, std, source.replace(str(out), "OUT"), printed.replace(str(out), "OUT")])
+        assert seen[0] == seen[1] == seen[2]
+        return seen[0]
+
+    mean1, std1, source, printed = outcome(gray, 1, "computed")
+    assert source == "7 frames (written to OUT/stats.json)" and printed == ""
+    mean3, std3, _, _ = outcome(gray, 3, "computed3")
+    assert mean3 == pytest.approx(mean1 * 3) and std3 == pytest.approx(std1 * 3)  # gray repeated
+    red, green, _ = outcome(rgb, 3, "rgb3")[0]
+    assert red < green and len(outcome(rgb, 1, "rgb1")[0]) == 1
+    mod = method("mae")
+    paths, counts = mod.list_frames(str(gray))
+    prep = {"mean": [0.3], "std": [0.1], "frames": 7, "fingerprint": mod.fingerprint(str(gray), paths, counts)}
+    (gray / "stats.json").write_text(json.dumps(prep))
+    for chans in (1, 3):  # prep's file serves gray frames for either channel count
+        assert outcome(gray, chans, f"prep{chans}") == [[0.3] * chans, [0.1] * chans, str(gray / "stats.json"), ""]
+    Image.fromarray(np.full((8, 8), 90, np.uint8)).save(gray / "new.png")   # the folder changed
+    _, _, source, printed = outcome(gray, 1, "changed")
+    assert source.startswith("8 frames") and "computed from 7 frames" in printed and "recomputing" in printed
+    (gray / "stats.json").write_text(json.dumps({"mean": [0.25], "std": [0.2]}))   # written by hand
+    for chans in (1, 3):
+        mean, std, source, _ = outcome(gray, chans, f"hand{chans}")
+        assert (mean, std) == ([0.25] * chans, [0.2] * chans) and "taken as given" in source
+    for values, chans in ((3, 1), (2, 3), (2, 1)):
+        (gray / "stats.json").write_text(json.dumps({"mean": [0.5] * values, "std": [0.2] * values}))
+        refused, _, message, _ = outcome(gray, chans, f"bad{values}{chans}")
+        assert refused == "refused" and f"--in-chans {chans} needs {chans} each" in message
+    (gray / "stats.json").write_text(json.dumps({"mean": [0.5, 0.4, 0.3], "std": [0.2] * 3}))
+    assert outcome(gray, 3, "three")[:2] == [[0.5, 0.4, 0.3], [0.2] * 3]
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_a_run_on_the_mixed_folder_skips_the_corrupt_file(name, mixed, tmp_path, capsys):
     out = tmp_path / "run"
@@ -233,6 +293,23 @@ def test_a_diverging_loss_stops_cleanly_and_keeps_the_checkpoint(name, tmp_path)
     _, meta = vit.load_checkpoint(out / "ckpt.safetensors")
     assert meta["step"] == bad["step"] - 1
     assert msg.startswith(f"step {bad['step']}: loss is ") and f"(step {meta['step']}) is kept" in msg
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_two_ranks_stop_alike_and_tear_their_group_down(name, tmp_path, torchrun):
+    """A loss diverging under torchrun: both ranks stop at the same step with the same message (a
+    SystemExit, no traceback), each destroys its process group on the way out, and the launch ends
+    cleanly. A rank that leaves its gloo group behind can abort at exit ("terminate called without
+    an active exception"), now and then: the group's state is checked, not the luck of one run."""
+    data = gray_frames(tmp_path / "data")
+    flags = TINY[name] + COMMON + ["--data", str(data), "--out", str(tmp_path / "run"), "--lr", "1e30",
+                                   "--warmup-epochs", "0", "--save-every", "1", "--log-every", "1"]
+    p = torchrun(["tests/ddp_run.py", name, str(tmp_path), *flags])
+    assert p.returncode == 0, p.stderr[-3000:]
+    messages = [(tmp_path / f"rank{r}.exit").read_text() for r in (0, 1)]
+    assert messages[0] == messages[1] and messages[0].startswith("step ") and ": loss is " in messages[0]
+    assert [(tmp_path / f"rank{r}.group").read_text() for r in (0, 1)] == ["destroyed"] * 2
+    assert "Traceback" not in p.stderr and "terminate called" not in p.stderr
 
 
 @pytest.mark.parametrize("name", METHODS)
