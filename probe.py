@@ -312,10 +312,15 @@ def sha256_weights(model):
 
 
 def method_name(meta):
-    """MAE / DINOv3 / I-JEPA as the paper's tables; an I-JEPA run with a frozen teacher is US-JEPA."""
-    if meta["method"] == "ijepa" and (meta.get("args") or {}).get("teacher"):
-        return "US-JEPA"
-    return NAMES.get(meta["method"], meta["method"])
+    """MAE / DINOv3 / I-JEPA as the paper's tables; an I-JEPA run with a frozen teacher is US-JEPA, and a run
+    with LeJEPA's SIGReg says so ("I-JEPA + SIGReg", the paper's 0.D.4 variant)."""
+    args = meta.get("args") or {}
+    name = NAMES.get(meta["method"], meta["method"])
+    if meta["method"] == "ijepa" and args.get("teacher"):
+        name = "US-JEPA"
+    if meta["method"] == "ijepa" and args.get("sigreg"):
+        name = f"{name} + SIGReg"
+    return name
 
 
 def checkpoint_labels(ckpts, taken=()):

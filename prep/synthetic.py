@@ -20,13 +20,18 @@ Ultrasound (paper 3.3, 4.1, appendix 0.C; task folders laid out like UltraBench,
   - coloured calipers / dashed measure lines / cyan text on ~30% of raw frames: the "minor colored annotations
     removed via inpainting" (0.C). `gray_clean` is the same frame without them.
   Labels (two linear-probe tasks, 0.D.2):
-  - fatty (GLOBAL, like the Fatty Liver task where I-JEPA wins, 5): the liver parenchyma is ~6 dB brighter
-    AND attenuates ~20 dB more per unit depth (far field fades). Gain, dynamic range, liver/kidney levels and
-    the residual depth slope are all randomised, so mean brightness alone is a weak classifier; the signal is
-    in the relation "liver vs kidney/wall" and "near vs far liver".
-  - lesion (LOCAL): one small (8-16 px radius at 256) round hypo- or hyper-echoic nodule inside the liver.
-    Anechoic vessels (present in both classes) are the distractor. The lesion does not change attenuation,
-    so with the same seed a lesion / no-lesion pair differs only around the nodule.
+  - fatty (GLOBAL, like the Fatty Liver task where I-JEPA wins, 5): two relations across the whole frame, the
+    liver enlarged (hepatomegaly: both axes x 1.2-1.4, on a size that varies 1.6x between frames anyway) and
+    brighter than the renal cortex below it (hepatorenal index: liver - cortex 5-9 dB, against -2..1.5 dB when
+    normal; a kidney is in every frame). The liver's own echo level and attenuation, the gain, dynamic range
+    and depth slope are drawn alike in both classes, so no first-order statistic gives the label away. An
+    earlier version made fatty livers brighter and more attenuating: a 16 x 16 thumbnail then scored AUROC 98
+    and a randomly initialised ViT 96 (1200 training frames), so pretraining could only lose. Now a thumbnail
+    scores ~0.8, the grey-level histogram ~0.6 (logistic regression, 300 training frames).
+  - lesion (LOCAL): one round hypo- or hyper-echoic nodule inside the liver, 16-28 px radius at 256 (4-7 px,
+    under one 8 px patch, in the CPU demo's 64 px frames). Anechoic vessels (present in both classes) are the
+    distractor. The lesion does not change attenuation, so with the same seed a lesion / no-lesion pair
+    differs only around the nodule.
   Every component draws from its own child generator, so forcing fatty / lesion / marks does not change the
   rest of the frame.
 
@@ -141,7 +146,8 @@ def ultrasound_frame(rng, size=256, fatty=None, lesion=None, marks=None):
     """One synthetic B-mode frame. rng: np.random.Generator. fatty / lesion / marks: None = random.
 
     Returns dict: image (size, size, 3) uint8 RGB (grey + coloured marks if marks), gray_clean (size, size)
-    uint8, organ_mask / scan_mask / lesion_mask (size, size) bool, fatty, lesion, marks (0/1 ints).
+    uint8, organ_mask (liver) / scan_mask / lesion_mask / cortex_mask (renal cortex) (size, size) bool, fatty,
+    lesion, marks (0/1 ints).
     """
     u = rng.random(3)
     fatty = int(u[0] < 0.5) if fatty is None else int(fatty)
@@ -166,33 +172,45 @@ def ultrasound_frame(rng, size=256, fatty=None, lesion=None, marks=None):
     refl = np.where(np.abs(d - wall) < 0.006, r_tis.uniform(-13, -8), refl)          # fascia
     att = np.zeros((n, n), np.float32)
 
-    # liver: a big wobbly ellipse under the wall; level and attenuation carry the fatty label
+    # liver: a big wobbly ellipse under the wall. Its echo level and attenuation are drawn the same way in both
+    # classes, so no brightness histogram or depth profile of the frame gives the fatty label away; it lives in
+    # the liver's extent (a steatotic liver is enlarged: hepatomegaly, both axes x 1.2-1.4) and in the kidney
+    # below (the hepatorenal index), two relations across the whole frame.
     lx, ly = size * r_tis.uniform(0.35, 0.65), size * r_tis.uniform(0.50, 0.65)
     la, lb = size * r_tis.uniform(0.32, 0.50), size * r_tis.uniform(0.26, 0.38)
+    grow = r_fat.uniform(1.2, 1.4)                           # drawn in both classes: the same stream either way
+    if fatty:
+        la, lb = la * grow, lb * grow
     lang = r_tis.uniform(-0.4, 0.4)
     q_liv = _blob(X, Y, lx, ly, la, lb, lang, 0.08, N1)
     liver = (q_liv < 1) & (d > wall + 0.01)
-    level_n = r_tis.uniform(-24, -18)                        # normal parenchyma
-    level_f = level_n + r_fat.uniform(4.5, 7.5)              # steatosis: brighter ...
-    att_n, att_f = r_fat.uniform(-3, 7), r_fat.uniform(12, 24)  # ... and attenuates more (far field fades)
-    level, alpha = (level_f, att_f) if fatty else (level_n, att_n)
+    level = r_tis.uniform(-24, -18)                          # parenchyma echo level (dB)
+    alpha = r_tis.uniform(-3, 12)                            # attenuation (dB per unit depth), label-free
     refl = np.where(liver, level + 1.2 * N3 + 1.0 * N2, refl)
     refl = np.where(liver & (q_liv > 0.97), np.maximum(refl, level + 7), refl)        # capsule
     att = np.where(liver, alpha, att)
     organ = liver.copy()
 
-    # kidney (half the frames): hypoechoic cortex, bright sinus; its level ignores the fatty label, so
-    # liver-vs-kidney contrast (the clinical hepatorenal index) is a gain-free fatty cue
-    if r_tis.random() < 0.5:
+    # kidney (every frame: the hepatorenal view): renal cortex, bright sinus fat, capsule. The cortex is drawn
+    # relative to the liver: hepatorenal index HRI = liver - cortex level, 5-9 dB when fatty (the liver
+    # markedly brighter than the cortex, the clinical sign of steatosis), -2..1.5 dB when normal (iso-echoic).
+    hri = r_fat.uniform(5, 9) if fatty else r_fat.uniform(-2, 1.5)
+    ka = size * r_tis.uniform(0.14, 0.20)
+    kx, ky = lx, ly + 0.8 * lb
+    for _ in range(16):                                      # a spot below / beside the liver, inside the fan
         ang = r_tis.uniform(0.6, 2.5)                        # direction from the liver centre, pointing deeper
-        kx, ky = lx + 0.8 * la * math.cos(ang), ly + 0.8 * lb * math.sin(ang)
-        ka = size * r_tis.uniform(0.14, 0.20)
-        q_k = _blob(X, Y, kx, ky, ka, ka * r_tis.uniform(0.5, 0.65), r_tis.uniform(0, math.pi), 0.05, N2)
-        kid = (q_k < 1) & (d > wall + 0.01)
-        refl = np.where(kid, r_tis.uniform(-31, -26) + 1.5 * N3, refl)
-        refl = np.where(kid & (q_k < 0.5), r_tis.uniform(-16, -11) + 3 * N3, refl)  # sinus fat
-        refl = np.where(kid & (q_k > 0.95), -12.0, refl)                             # capsule
-        organ &= ~kid
+        cx, cy = lx + 0.8 * la * math.cos(ang), ly + 0.8 * lb * math.sin(ang)
+        i, j = fan.to_beam(np.array([cx - 0.6 * ka, cx + 0.6 * ka, cx]), np.array([cy, cy, cy + 0.6 * ka]))
+        if i.min() >= 0 and i.max() <= n - 1 and j.min() >= 0 and j.max() <= n - 1:
+            kx, ky = cx, cy
+            break
+    q_k = _blob(X, Y, kx, ky, ka, ka * r_tis.uniform(0.5, 0.65), r_tis.uniform(0, math.pi), 0.05, N2)
+    kid = (q_k < 1) & (d > wall + 0.01)
+    refl = np.where(kid, level - hri + 1.5 * N3, refl)
+    refl = np.where(kid & (q_k < 0.5), r_tis.uniform(-16, -11) + 3 * N3, refl)  # sinus fat
+    refl = np.where(kid & (q_k > 0.95), -12.0, refl)                             # capsule
+    cortex = kid & (q_k >= 0.5) & (q_k <= 0.95)
+    organ &= ~kid
 
     # anechoic fluid (vessels, sometimes a gallbladder): dark, and *less* attenuating -> posterior enhancement
     fluids = [_random_ellipse(r_tis, size, lx + la * r_tis.uniform(-0.6, 0.6), ly + lb * r_tis.uniform(-0.6, 0.6),
@@ -208,7 +226,7 @@ def ultrasound_frame(rng, size=256, fatty=None, lesion=None, marks=None):
 
     # lesion: parameters are always drawn (same frame with or without it); centre chosen inside the liver
     les_mask = np.zeros((n, n), bool)
-    rl = r_les.uniform(8, 16) * k
+    rl = r_les.uniform(16, 28) * k
     hyper = r_les.random() < 0.5
     delta = r_les.uniform(6, 10) if hyper else -r_les.uniform(8, 14)
     cand = r_les.uniform(-0.7, 0.7, (32, 2))
@@ -276,12 +294,13 @@ def ultrasound_frame(rng, size=256, fatty=None, lesion=None, marks=None):
     ii, jj = np.clip(np.rint(fi), 0, n - 1).astype(np.intp), np.clip(np.rint(fj), 0, n - 1).astype(np.intp)
     organ_mask = organ[ii, jj] & scan
     lesion_mask = les_mask[ii, jj] & scan
+    cortex_mask = cortex[ii, jj] & scan
 
     image = np.repeat(gray[:, :, None], 3, axis=2)
     if marks:
         _draw_marks(r_mrk, image, organ_mask, (lcx, lcy, rl) if lesion else None, size)
     return dict(image=image, gray_clean=gray, organ_mask=organ_mask, scan_mask=scan, lesion_mask=lesion_mask,
-                fatty=fatty, lesion=lesion, marks=marks)
+                cortex_mask=cortex_mask, fatty=fatty, lesion=lesion, marks=marks)
 
 
 # -----------------------------------------------------------------------------------------------------------

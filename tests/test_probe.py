@@ -591,3 +591,15 @@ def test_tasks_sharing_image_files_embed_them_once(tmp_path, checkpoints, monkey
         for i, p in enumerate(ta["splits"][s][0]):
             other = ("bright" if "/dark/" in p else "dark") + "/" + os.path.basename(p)
             torch.testing.assert_close(fa[s][i], fb[s][pos[other]])
+
+
+def test_row_names_say_what_was_trained():
+    """The table names a run by what it is: a frozen teacher makes US-JEPA, SIGReg is named, never hidden."""
+    def meta(method, **args):
+        return {"method": method, "args": args}
+    assert probe.method_name(meta("mae")) == "MAE"
+    assert probe.method_name(meta("dino")) == "DINOv3"
+    assert probe.method_name(meta("ijepa", teacher="", sigreg=0.0)) == "I-JEPA"
+    assert probe.method_name(meta("ijepa", teacher="runs/mae/ckpt.safetensors", sigreg=0.0)) == "US-JEPA"
+    assert probe.method_name(meta("ijepa", teacher="", sigreg=0.05)) == "I-JEPA + SIGReg"
+    assert probe.method_name(meta("ijepa", teacher="t.safetensors", sigreg=0.05)) == "US-JEPA + SIGReg"
