@@ -277,6 +277,7 @@ def ultrasound_frame(rng, size=256, fatty=None, lesion=None, marks=None):
         i0, j0 = int(min(max(i0, 0), n - 1)), int(round(float(j0)))
         wj = srad / (fan.sx * max(fan.r0 + i0 * fan.dr, 1) * fan.dth)  # shadow half-width in beams
         jl, jh = max(int(j0 - wj - 2), 0), min(int(j0 + wj + 3), n)
+        jh = max(jh, jl)                                     # a reflector beside the fan casts no shadow in it
         prof = np.clip(1.5 - np.abs(np.arange(jl, jh) - j0) / max(wj, 1), 0, 1)  # soft lateral edges
         cum[i0:, jl:jh] += r_tis.uniform(12, 22) * prof
 

@@ -193,3 +193,14 @@ def test_make_slides_csv(tmp_path):
     assert all(len(v) == 1 for v in by_patient.values())    # a patient's slides share the label
     assert {r["slide"].rsplit(".", 1)[1] for r in table} == {"svs", "tiff"}
     assert {r["label"] for r in table} == {"0", "1"}
+
+
+def test_a_reflector_beside_the_fan_casts_no_shadow_in_it():
+    """Frame 422 of the seed-1 benchmark draws a liver stone outside the fan (an enlarged liver reaches past it):
+    its shadow is clipped to nothing instead of failing to broadcast."""
+    from prep.synthetic import _split_balanced
+    rng = np.random.default_rng([2, 1])                     # the labels as make_ultrasound(seed=1) draws them
+    fatty, lesion, _ = _split_balanced(rng, 2000)
+    marks = rng.random(2000) < 0.3
+    f = ultrasound_frame(np.random.default_rng([2, 1, 422]), 128, fatty[422], lesion[422], marks[422])
+    assert f["gray_clean"][f["scan_mask"]].std() > 10
