@@ -469,9 +469,12 @@ def find_pairs(images_dir, masks_dir):
                          + f". Masks are PNGs (0 background, 255 organ) with the image's stem under {masks_dir}")
     for p, m in pairs:                                                # headers only: cheap, and fails early
         with Image.open(p) as a, Image.open(m) as b:
-            if a.size != b.size:
+            # a mask at another resolution of the same frame (images resized by prep/ultrasound.py) is resized
+            # to its image by nearest neighbour; another shape is another frame
+            if a.size[0] * b.size[1] != a.size[1] * b.size[0]:
                 raise ValueError(f"mask {m} is {b.size[0]}x{b.size[1]} pixels but its image {p} is "
-                                 f"{a.size[0]}x{a.size[1]}; a mask must have its image's size")
+                                 f"{a.size[0]}x{a.size[1]}; a mask must have its image's shape (the same "
+                                 f"size, or the same aspect ratio at another resolution)")
     return pairs
 
 
@@ -483,6 +486,8 @@ def segscore(ckpt_a, ckpt_b, images_dir, masks_dir, out, seed=0, device="cpu"):
     for img_path, mask_path in tqdm(pairs, desc="segscore", unit="img"):
         img, mimg = load_image(img_path), load_image(mask_path)
         W, H = img.size
+        if mimg.size != img.size:                                     # same aspect ratio (find_pairs)
+            mimg = mimg.resize(img.size, Image.NEAREST)
         mask = image_array(mimg, 1)[..., 0] > 127                     # (H, W) organ
         row = dict(image=str(img_path), mask=str(mask_path), width=W, height=H, anchors="", auroc_a="",
                    auroc_b="", pearson_a="", pearson_b="", note="")
@@ -771,7 +776,8 @@ def main(argv=None):
     s.add_argument("ckpt_a", metavar="CKPT_A")
     s.add_argument("ckpt_b", metavar="CKPT_B")
     s.add_argument("--images", required=True, metavar="DIR")
-    s.add_argument("--masks", required=True, metavar="DIR", help="PNG masks (0 / 255) with the images' stems")
+    s.add_argument("--masks", required=True, metavar="DIR", help="PNG masks (0 / 255) with the images' stems; the image's size, or its aspect ratio at another "
+                   "resolution (resized to the image, nearest neighbour)")
     s.add_argument("--out", default="runs/viz/segscore.csv", metavar="CSV")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
