@@ -5,7 +5,7 @@ VENV := .venv/.installed
 R := runs/demo
 
 # CPU: vit_tiny (6 blocks) on 64 px frames with 8 px patches (an 8x8 grid, enough for maps); the time goes to
-# steps (MAE 620, DINOv3, I-JEPA and US-JEPA 310 each on ultrasound) rather than to data. GPU: ViT-S/16 at 224 as
+# steps (MAE 620, DINOv3 248, I-JEPA and US-JEPA 310 each on ultrasound) rather than to data. GPU: ViT-S/16 at 224 as
 # the paper, still short runs. Override any of these: make demo EPOCHS_US=50. BENCHMARKS.md ("The demo") gives
 # the reasons for each CPU setting with the runs that measured them.
 ifeq ($(shell test -e /dev/nvidia0 && echo gpu),gpu)
@@ -17,6 +17,7 @@ ifeq ($(shell test -e /dev/nvidia0 && echo gpu),gpu)
   BATCH ?= 64
   EPOCHS_MAE ?= 40
   EPOCHS_US ?= 20
+  DINO_EPOCHS_US ?= 20
   EPOCHS_WSI ?= 20
   DINO_HEAD ?= --n-prototypes 65536
   MAE_DEC ?=
@@ -32,7 +33,8 @@ else
   ARCH ?= --size vit_tiny --depth 6 --img-size 64 --patch-size 8 --num-workers 0 --device cpu
   BATCH ?= 32
   EPOCHS_MAE ?= 10            # 620 steps: MAE's CLS first collapses (RankMe 9 -> 1.7 by step 100), then recovers
-  EPOCHS_US ?= 5              # 310 steps of DINOv3, I-JEPA, US-JEPA
+  EPOCHS_US ?= 5              # 310 steps of I-JEPA and US-JEPA
+  DINO_EPOCHS_US ?= 4         # 248 steps: a DINOv3 step (2 global + 2 local crops, two networks) costs ~6 MAE steps
   EPOCHS_WSI ?= 2
   DINO_HEAD ?= --n-prototypes 2048 --head-hidden 256 --n-local 2
   MAE_DEC ?= --decoder-dim 128 --decoder-depth 2 --decoder-heads 4
@@ -51,13 +53,12 @@ $(VENV): requirements.txt
 	touch $@
 
 # pretrain METHOD DATA OUT EPOCHS EXTRA: one pretraining run with the shared settings
-pretrain = $(PY) $(1).py --data $(R)/$(2) --out $(R)/$(3) $(ARCH) --batch-size $(BATCH) --epochs $(4) $(5)
+pretrain = $(PY) $(1).py --data $(R)/$(2) --out $(R)/$(3) $(ARCH) --batch-size $(BATCH) --epochs $(4) --diag-every 50 $(5)
 MAE := --warmup-epochs 1 --lr 1e-3 $(MAE_DEC)   # blr 1.5e-4 x 32/256 would barely move in 600 steps
 DINO := --epoch-length 0 --warmup-epochs 1 --tau-t-warmup 2 --freeze-last-layer 1 $(DINO_HEAD)
-# I-JEPA with the paper's settings collapses at this scale (BENCHMARKS.md): LeJEPA's SIGReg, the paper's 0.D.4
-# variant, keeps its embeddings spread; US-JEPA's frozen teacher cannot collapse and trains without it
-IJEPA := --warmup-epochs 1 $(IJEPA_CPU)
-SIGREG := --sigreg 0.05
+# I-JEPA with the paper's settings collapses at this scale for its first ~300 steps, and US-JEPA's pooled
+# embedding loses rank (BENCHMARKS.md, "The demo"): LeJEPA's SIGReg, the paper's 0.D.4 variant, keeps both spread
+IJEPA := --warmup-epochs 1 --sigreg 0.05 $(IJEPA_CPU)
 
 demo: $(VENV)
 	@echo "== demo: every artefact goes to $(R)/ (cleared first)"; rm -rf $(R)
@@ -76,21 +77,21 @@ demo: $(VENV)
 	mkdir -p $(R)/wsi-frames && for d in $(R)/wsi/*/; do s=$$(basename $$d); \
 		ln -s ../wsi/$$s/patches.npy $(R)/wsi-frames/$$s.npy; done
 	echo '{"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}' > $(R)/wsi-frames/stats.json  # ImageNet, 0.C
-	@echo "== 3/8 pretraining on ultrasound: MAE, DINOv3, I-JEPA, and US-JEPA (I-JEPA with the frozen MAE teacher)"
+	@echo "== 3/8 pretraining on ultrasound: MAE, DINOv3, I-JEPA and US-JEPA (I-JEPA with the frozen MAE teacher), both + SIGReg"
 	$(call pretrain,mae,us,us-mae,$(EPOCHS_MAE),--in-chans 1 $(MAE))
-	$(call pretrain,dino,us,us-dino,$(EPOCHS_US),--in-chans 1 $(DINO))
-	$(call pretrain,ijepa,us,us-ijepa,$(EPOCHS_US),--in-chans 1 $(IJEPA) $(SIGREG))
+	$(call pretrain,dino,us,us-dino,$(DINO_EPOCHS_US),--in-chans 1 $(DINO))
+	$(call pretrain,ijepa,us,us-ijepa,$(EPOCHS_US),--in-chans 1 $(IJEPA))
 	$(call pretrain,ijepa,us,us-usjepa,$(EPOCHS_US),--in-chans 1 $(IJEPA) --teacher $(R)/us-mae/ckpt.safetensors)
 	@echo "== 4/8 pretraining on slide patches (RGB, ImageNet normalisation), short runs"
 	$(call pretrain,mae,wsi-frames,wsi-mae,$(EPOCHS_WSI),--in-chans 3 $(MAE))
 	$(call pretrain,dino,wsi-frames,wsi-dino,$(EPOCHS_WSI),--in-chans 3 --lr 1e-5 $(DINO))
-	$(call pretrain,ijepa,wsi-frames,wsi-ijepa,$(EPOCHS_WSI),--in-chans 3 $(IJEPA) $(SIGREG))
+	$(call pretrain,ijepa,wsi-frames,wsi-ijepa,$(EPOCHS_WSI),--in-chans 3 $(IJEPA))
 	$(call pretrain,ijepa,wsi-frames,wsi-usjepa,$(EPOCHS_WSI),--in-chans 3 $(IJEPA) --teacher $(R)/wsi-mae/ckpt.safetensors)
 	@echo "== 5/8 training curves: loss, learning rate and the collapse diagnostic of every run"
 	$(PY) viz.py curves $(R)/us-mae $(R)/us-dino $(R)/us-ijepa $(R)/us-usjepa --out $(R)/curves-us.png \
-		--title "ultrasound pretraining (make demo)"
+		--names MAE DINOv3 "I-JEPA + SIGReg" "US-JEPA + SIGReg" --title "ultrasound pretraining (make demo)"
 	$(PY) viz.py curves $(R)/wsi-mae $(R)/wsi-dino $(R)/wsi-ijepa $(R)/wsi-usjepa --out $(R)/curves-wsi.png \
-		--title "slide-patch pretraining (make demo)"
+		--names MAE DINOv3 "I-JEPA + SIGReg" "US-JEPA + SIGReg" --title "slide-patch pretraining (make demo)"
 	@echo "== 6/8 linear probes on the two ultrasound tasks (Table 2 protocol), with random twins and raw pixels"
 	$(PY) probe.py $(R)/us-mae/ckpt.safetensors $(R)/us-dino/ckpt.safetensors $(R)/us-ijepa/ckpt.safetensors \
 		$(R)/us-usjepa/ckpt.safetensors --data $(R)/us-tasks/labels.csv --out $(R)/probe --num-workers 0

@@ -87,7 +87,7 @@ from probe import (add_config_flags, add_encoder, checkpoint_labels, comparison_
                    paper_table, read_checkpoint, summarise_seeds, vit_init_twin, write_atomic)
 
 SPLITS = ("train", "val", "test")
-RESULTS_FORMAT = "pretext-abmil-2"
+RESULTS_FORMAT = "pretext-abmil-3"   # 3: twins keyed as probe.twin_key
 # the settings that change ABMIL's numbers: results.json only gathers runs that agree on all of them
 PROTOCOL = ("img_size", "hidden", "attn_dim", "dropout", "epochs", "lr", "weight_decay", "seeds", "seed")
 

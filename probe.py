@@ -93,7 +93,7 @@ EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "val", "test")
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 FEATURES_VERSION = 1          # bump when the image loading below changes, to invalidate cached features
-RESULTS_FORMAT = "pretext-probe-2"
+RESULTS_FORMAT = "pretext-probe-3"   # 3: untrained twins keyed by weights + preprocessing (twin_key)
 DECODE_CACHE_BYTES = 1 << 30  # decoded images kept for the next encoder of the same input size, up to this much
 NAMES = {"mae": "MAE", "dino": "DINOv3", "ijepa": "I-JEPA"}     # row names as the paper's tables
 # the settings that change a probe's numbers: results.json only gathers runs that agree on all of them
@@ -356,26 +356,31 @@ def own_init_twin(ck):
         return None, f"no {path}"
     if os.path.samefile(path, ck["path"]):
         return None, f"{path} is the evaluated checkpoint itself"
-    _, meta = vit.load_checkpoint(path)
+    model, meta = vit.load_encoder(path)
     if meta["vit"] != ck["meta"]["vit"] or meta["pool"] != ck["meta"]["pool"]:
         return None, f"{path} has another ViT config or pooling than {ck['path']}: not its twin"
-    enc = {"kind": "own init", "path": path, "meta": meta, "sha256": sha256_file(path)}
-    enc["key"] = enc["sha256"]
+    enc = {"kind": "own init", "path": path, "meta": meta, "sha256": sha256_file(path),
+           "key": twin_key(sha256_weights(model), meta)}
     return enc, None
+
+
+def twin_key(weights_sha, meta):
+    """Key of an untrained encoder: its weights and the preprocessing it is read with. Twins that are the same
+    network (I-JEPA's own init is vit.py's default init; two runs from one seed) are evaluated once."""
+    prep = [weights_sha, meta["pool"], meta["mean"], meta["std"], meta["img_size"], meta["in_chans"]]
+    return "twin-" + hashlib.sha256(json.dumps(prep).encode()).hexdigest()
 
 
 def vit_init_twin(ck, seed):
     """vit.ViT of the checkpoint's config, vit.py's default init under torch seed `seed`, read with the checkpoint's
-    pooling and mean/std. Keyed by the weights' hash and that preprocessing."""
+    pooling and mean/std. Keyed by the weights' hash and that preprocessing (twin_key)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = vit.ViT(vit.config_from_meta(ck["meta"])).eval()
     meta = {k: ck["meta"][k] for k in ("method", "vit", "img_size", "in_chans", "mean", "std", "pool")}
     meta["method"] = "vit-init"
-    sha = sha256_weights(model)
-    prep = [sha, meta["pool"], meta["mean"], meta["std"], meta["img_size"], meta["in_chans"]]
-    key = "vitinit-" + hashlib.sha256(json.dumps(prep).encode()).hexdigest()
-    return {"kind": "ViT init", "path": None, "meta": meta, "sha256": key[len("vitinit-"):], "key": key,
+    key = twin_key(sha256_weights(model), meta)
+    return {"kind": "ViT init", "path": None, "meta": meta, "sha256": key[len("twin-"):], "key": key,
             "model": model, "seed": seed}
 
 

@@ -208,7 +208,7 @@ def test_controls_twins_and_raw_pixels(data, capsys):
     out = capsys.readouterr().out
     lab = by_label(doc)
     assert set(lab) == {"MAE", "MAE own init", "MAE ViT init", "I-JEPA", "I-JEPA ViT init", "raw pixels (16x16 RGB)"}
-    assert lab["MAE own init"] == probe.sha256_file(str(d / "mae" / "init.safetensors"))
+    assert doc["encoders"][lab["MAE own init"]]["sha256"] == probe.sha256_file(str(d / "mae" / "init.safetensors"))
     assert "I-JEPA own init absent: no " in out and "init.safetensors" in out
     kinds = {(c["a"], c["b"], c["kind"]) for c in doc["comparisons"]}
     assert kinds == {(lab["MAE"], lab["MAE own init"], "own init"), (lab["MAE"], lab["MAE ViT init"], "ViT init"),
@@ -256,7 +256,7 @@ def test_never_overwrites_earlier_results(data, capsys):
         run(d, ck, "keep", "--no-controls", "--bag", "patient", names=("mae",))
     assert (d / "keep" / "results.json").read_bytes() == before
     (d / "keep" / "results.json").write_text("[]")
-    with pytest.raises(ValueError, match="not a pretext-abmil-2 file"):
+    with pytest.raises(ValueError, match="not a pretext-abmil-3 file"):
         run(d, ck, "keep", "--no-controls", names=("mae",))
     assert (d / "keep" / "results.json").read_text() == "[]"
     with pytest.raises(SystemExit):

@@ -308,7 +308,8 @@ def test_controls_twins_and_raw_pixels(tmp_path, checkpoints, capsys):
     assert set(lab) == {"MAE", "MAE own init", "MAE ViT init", "I-JEPA", "I-JEPA ViT init", "raw pixels (16x16 RGB)"}
     mae = doc["encoders"][lab["MAE"]]
     init = os.path.join(os.path.dirname(checkpoints[0]), "init.safetensors")
-    assert lab["MAE own init"] == probe.sha256_file(init) == mae["twins"]["own init"]
+    assert lab["MAE own init"] == mae["twins"]["own init"] and lab["MAE own init"].startswith("twin-")
+    assert doc["encoders"][lab["MAE own init"]]["sha256"] == probe.sha256_file(init)
     assert doc["encoders"][lab["MAE own init"]]["kind"] == "own init"
     ij = doc["encoders"][lab["I-JEPA"]]
     assert ij["twins"]["own init"] is None and "init.safetensors" in ij["twins"]["missing"]["own init"]
@@ -378,12 +379,12 @@ def test_never_overwrites_earlier_results(tmp_path, checkpoints, capsys):
         probe.main(replace(cfg, data=[str(tmp_path / "other" / "two")]))
     assert (out / "results.json").read_bytes() == before
     (out / "results.json").write_text('{"tasks": {}}')                    # an earlier probe.py's file
-    with pytest.raises(ValueError, match="not a pretext-probe-2 file.*kept as it is"):
+    with pytest.raises(ValueError, match="not a pretext-probe-3 file.*kept as it is"):
         probe.main(cfg)
-    (out / "results.json").write_text('{"format": "pretext-probe-2", "tasks": {')
+    (out / "results.json").write_text('{"format": "pretext-probe-3", "tasks": {')
     with pytest.raises(ValueError, match="results.json: unreadable"):
         probe.main(cfg)
-    assert (out / "results.json").read_text() == '{"format": "pretext-probe-2", "tasks": {'
+    assert (out / "results.json").read_text() == '{"format": "pretext-probe-3", "tasks": {'
     with pytest.raises(SystemExit):
         probe.parse_args(["x.safetensors", "--data", "t", "--boot", "0"])
 
@@ -603,3 +604,33 @@ def test_row_names_say_what_was_trained():
     assert probe.method_name(meta("ijepa", teacher="runs/mae/ckpt.safetensors", sigreg=0.0)) == "US-JEPA"
     assert probe.method_name(meta("ijepa", teacher="", sigreg=0.05)) == "I-JEPA + SIGReg"
     assert probe.method_name(meta("ijepa", teacher="t.safetensors", sigreg=0.05)) == "US-JEPA + SIGReg"
+
+
+def test_twins_that_are_the_same_network_are_evaluated_once(tmp_path, capsys):
+    """An I-JEPA run starts from vit.py's default init: its own-init twin IS its ViT-init twin, and a second run
+    from the same seed has that twin too. One key (weights + preprocessing), one evaluation, every row filled."""
+    cfg = vit.ViTConfig(img_size=32, patch_size=8, in_chans=1, embed_dim=64, depth=2, num_heads=4, cls_token=False)
+    paths = []
+    for run in ("a", "b"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)                                            # as ijepa.py and --twin-seed 0
+            init = vit.ViT(cfg)
+        vit.save_checkpoint(tmp_path / run / "init.safetensors", init, method="ijepa", pool="mean", mean=[0.45],
+                            std=[0.25], args={"run": run})                # different files, the same network
+        with torch.no_grad():
+            for p in init.parameters():
+                p.add_((0.05 if run == "a" else 0.07) * torch.randn_like(p))
+        vit.save_checkpoint(tmp_path / run / "ckpt.safetensors", init, method="ijepa", pool="mean", mean=[0.45],
+                            std=[0.25], step=10)
+        paths.append(str(tmp_path / run / "ckpt.safetensors"))
+    folder_task(tmp_path / "two", counts=(8, 4, 6), classes=("dark", "bright"), rng=np.random.default_rng(4))
+    ck = probe.read_checkpoint(paths[0])
+    own, _ = probe.own_init_twin(ck)
+    assert own["key"] == probe.vit_init_twin(ck, 0)["key"]
+    assert own["key"] != probe.vit_init_twin(ck, 1)["key"]                 # another seed: another network
+    doc = probe.main(Config(ckpts=paths, data=[str(tmp_path / "two")], out=str(tmp_path / "out"), epochs=5,
+                            patience=5, seeds=2, num_workers=0, img_batch=16, boot=50))
+    assert "with 2 control encoder(s)" in capsys.readouterr().out           # the shared twin + raw pixels
+    twins = {doc["encoders"][k]["twins"][kind] for k in doc["encoders"] if doc["encoders"][k]["kind"] == "trained"
+             for kind in ("own init", "ViT init")}
+    assert twins == {own["key"]} and own["key"] in doc["tasks"]["two"]["results"]
