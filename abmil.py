@@ -54,10 +54,11 @@ patches per WSI") from the first seed's model of each trained checkpoint: OUT/<c
 <rank>_<slide>_x<x>_y<y>.png (the stored 224 px patch, before the resize to 256) and OUT/<ckpt>/topk.json
 (slide, row of patches.npy, level-0 x, y, attention) for viz.py.
 
-Never overwritten: OUT/results.json gathers every encoder evaluated into OUT on its data set, keyed by the
-encoder's sha256; a later run adds its encoders, keeps (and reuses) those already there, and the tables show
-all of them. Another data set (bags, labels, splits or patch subset), other ABMIL settings, or a results.json
-that is unreadable or of an older format is refused before any compute, the file untouched: use another --out.
+Never overwritten: OUT/results.json gathers every encoder evaluated into OUT on its data set, keyed as in probe.py
+(a checkpoint by its sha256, a twin by its weights and preprocessing); a later run adds its encoders, keeps (and
+reuses) those already there, and the tables show all of them. Another data set (bags, labels, splits or patch
+subset), other ABMIL settings, or a results.json that is unreadable or of an older format is refused before any
+compute, the file untouched: use another --out.
 
 Not in the paper: its code is not public, so CLAM's dimensions and dropout are our choice; class-balanced
 sampling (CLAM's option) is not used; every split must hold every class (checked before any compute).

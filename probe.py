@@ -62,9 +62,11 @@ Printed as the paper's tables (rows = encoders, a column group per task; a secon
 comparisons), with the paper's reported Table 2 beside them for tasks whose names match one of its datasets
 (or all of it with --paper), and written to OUT/table.md.
 
-Never overwritten: OUT/results.json gathers every evaluation made into OUT, keyed by the encoder's sha256 and
-the task. A later run adds its encoders and tasks and keeps everything already there (a result already
-present for the same encoder and task is reused, not recomputed); the tables show all of it. A run whose
+Never overwritten: OUT/results.json gathers every evaluation made into OUT, keyed by the encoder (a checkpoint by
+its file's sha256, an untrained twin by its weights and preprocessing, so twins that are the same network, as
+I-JEPA's own init and vit.py's, are evaluated once) and the task. A later run adds its encoders and tasks and
+keeps everything already there (a result already present for the same encoder and task is reused, not
+recomputed); the tables show all of it. A run whose
 probe settings differ from those already in OUT, a task name already there with other images or labels, or a
 results.json that is unreadable or of an older format is refused before any compute, the file untouched: use
 another --out. results.json holds, per task, the test paths and labels and, per encoder, every seed's metrics,
