@@ -119,7 +119,7 @@ paper: $(VENV)
 test: $(VENV)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
-# make gpu-check [OUT=runs/gpu-check]: the first GPU session in one command, <= 8 min on one H100/H200 (CUDA kernel
+# make gpu-check [OUT=runs/gpu-check]: what a new GPU machine must prove, in one command, <= 8 min on one H100/H200 (CUDA kernel
 # tests, kernels vs every SDPA backend, training steps eager and compiled, a torchrun launch of ijepa.py), written
 # to OUT/gpu-check.md and .json; BENCHMARKS.md says what it compares. Runs with the python that has CUDA torch:
 # the .venv when there is one, else python3 (GPU_PY=... to choose); no install step, nothing downloaded.

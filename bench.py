@@ -6,7 +6,7 @@ first-GPU check that runs all of it in one go.
     python bench.py train --method ijepa      # img/s and MFU of one method's training step, synthetic batch
     python bench.py train --method mae --batch-size 64 --no-compile
     python bench.py data                      # frames/s of one loader worker per input kind (CPU only)
-    python bench.py gpu-check --out DIR       # the first GPU session: tests, kernel + training timings, torchrun
+    python bench.py gpu-check --out DIR       # on a new GPU machine: tests, kernel + training timings, torchrun
     python bench.py gpu-check --dry-run       # what gpu-check would run (works on CPU)
 
 Every kernel number is a median of triton.testing.do_bench (25 ms warm-up, 100 ms of timed repetitions, no L2
@@ -388,9 +388,10 @@ def data_main(a):
 
 
 # -----------------------------------------------------------------------------
-# gpu-check: the first GPU session in one command. Every stage runs in a subprocess with a time limit, so a hang,
-# a crash or a CUDA error in one is recorded and the next one still runs; the whole check stays within
-# BUDGET_S, and the results are written after every stage (a killed run still leaves what it measured).
+# gpu-check: everything a new GPU machine must prove, in one command. Every stage runs in a subprocess
+# with a time limit, so a hang, a crash or a CUDA error in one is recorded and the next one still runs;
+# the whole check stays within BUDGET_S, and the results are written after every stage (a killed run
+# still leaves what it measured).
 
 BUDGET_S = 480          # all stages together: 8 minutes, so a short GPU rental or a 10-minute job limit holds it
 MIN_STAGE_S = 20        # a stage that would get less than this is skipped and recorded as such
@@ -731,7 +732,7 @@ if __name__ == "__main__":
     d.add_argument("--seconds", type=float, default=4.0, help="time each kind at least this long")
     d.add_argument("--load-size", type=int, default=256, help="decoded square side (256: --img-size 224)")
     d.add_argument("--json", help="also write the results here")
-    g = sub.add_parser("gpu-check", help="the first GPU session: kernel tests, kernel and training timings, torchrun")
+    g = sub.add_parser("gpu-check", help="on a new GPU machine: kernel tests, kernel and training timings, torchrun")
     g.add_argument("--out", default="runs/gpu-check", help="gpu-check.json, gpu-check.md, gpu-check.log go here")
     g.add_argument("--dry-run", action="store_true", help="list every check and timing, run nothing (CPU too)")
     a = p.parse_args()

@@ -362,7 +362,7 @@ def own_init_twin(ck):
     if meta["vit"] != ck["meta"]["vit"] or meta["pool"] != ck["meta"]["pool"]:
         return None, f"{path} has another ViT config or pooling than {ck['path']}: not its twin"
     enc = {"kind": "own init", "path": path, "meta": meta, "sha256": sha256_file(path),
-           "key": twin_key(sha256_weights(model), meta)}
+           "key": twin_key(sha256_weights(model), meta), "model": model}   # loaded once: kept for the features
     return enc, None
 
 

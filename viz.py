@@ -776,8 +776,9 @@ def main(argv=None):
     s.add_argument("ckpt_a", metavar="CKPT_A")
     s.add_argument("ckpt_b", metavar="CKPT_B")
     s.add_argument("--images", required=True, metavar="DIR")
-    s.add_argument("--masks", required=True, metavar="DIR", help="PNG masks (0 / 255) with the images' stems; the image's size, or its aspect ratio at another "
-                   "resolution (resized to the image, nearest neighbour)")
+    s.add_argument("--masks", required=True, metavar="DIR",
+                   help="PNG masks (0 / 255) with the images' stems, at the image's size or its aspect "
+                   "ratio at another resolution (resized to it, nearest neighbour)")
     s.add_argument("--out", default="runs/viz/segscore.csv", metavar="CSV")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -278,15 +278,14 @@ def test_segscore_errors_name_both_files(tmp_path):
         viz.main(args[:6] + [str(tmp_path / "nope")])
 
 
-
 def test_segscore_takes_masks_at_another_resolution_of_the_same_shape(tmp_path):
     """Frames resized by prep/ultrasound.py keep the generator's full-size masks: a mask at twice the image's
     resolution is resized to it (nearest) and scores exactly as the mask at the image's size."""
     make_seg_data(tmp_path, n=3)
     (tmp_path / "mask2").mkdir()
     for m in sorted((tmp_path / "mask").glob("*.png")):
-        big = Image.open(m).resize((2 * Image.open(m).size[0], 2 * Image.open(m).size[1]), Image.NEAREST)
-        big.save(tmp_path / "mask2" / m.name)
+        with Image.open(m) as small:
+            small.resize((2 * small.size[0], 2 * small.size[1]), Image.NEAREST).save(tmp_path / "mask2" / m.name)
     a = ckpt(tmp_path, "ijepa")
     rows = {}
     for d in ("mask", "mask2"):
